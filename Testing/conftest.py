@@ -1,0 +1,43 @@
+"""Shared fixtures: where the real CT lives, and seeded phantoms.
+
+Real CT is read from ../shared/data/ct (relative to the repository root) or
+from $LUNGATLAS_TEST_DATA. Tests that need it skip with a reason when it is
+absent; in CI it is present, so they run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def ct_data_root() -> Path:
+    return Path(os.environ.get("LUNGATLAS_TEST_DATA", REPO_ROOT.parent / "shared" / "data" / "ct"))
+
+
+@pytest.fixture(scope="session")
+def ct_data() -> Path:
+    root = ct_data_root()
+    if not (root / "nsclc-lung1-001").is_dir():
+        pytest.skip(f"real CT not found under {root} (set LUNGATLAS_TEST_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def lung1_dicom(ct_data) -> Path:
+    return ct_data / "nsclc-lung1-001" / "dicom" / "image"
+
+
+@pytest.fixture(scope="session")
+def phantom_atlas():
+    from LungAtlasLib import phantom
+    return phantom.make_atlas_subject(spacing_mm=4.0)
+
+
+@pytest.fixture(scope="session")
+def phantom_subject():
+    from LungAtlasLib import phantom
+    return phantom.make_subject(seed=3, spacing_mm=4.0, n_nodules=3)
