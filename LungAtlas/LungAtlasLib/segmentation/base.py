@@ -1,0 +1,52 @@
+"""The segmentation interface that every backend implements and every caller uses."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import SimpleITK as sitk
+
+# backend name -> "module:Class", imported on first use so that heavy optional
+# dependencies (torch, nnU-Net) load only when that backend is chosen
+BACKENDS: dict[str, str] = {}
+
+
+class SegmentationError(RuntimeError):
+    """A segmentation could not be produced; the message names the case and what to do."""
+
+
+@dataclass
+class SegmentationResult:
+    labels: sitk.Image            # UInt8, on the input CT's grid
+    kind: str                     # "lobes": values 1-5; "sides": 1 right lung, 2 left lung
+    backend: str
+    qc: dict = field(default_factory=dict)    # {"passed": bool, "flags": [{"check", "passed", "reason", ...}]}
+    info: dict = field(default_factory=dict)  # provenance: versions, mode, weights, timings, log path
+
+
+class Segmenter:
+    """Base class: ``segment(ct, case_id)`` returns a :class:`SegmentationResult`."""
+
+    name: ClassVar[str] = ""
+
+    def check_ready(self) -> None:
+        """Raise :class:`SegmentationError` (saying how to fix it) when the backend
+        cannot run here, e.g. missing weights; called before any work starts."""
+
+    def segment(self, ct: sitk.Image, case_id: str = "case") -> SegmentationResult:
+        raise NotImplementedError
+
+
+def available_segmenters() -> list[str]:
+    return sorted(BACKENDS)
+
+
+def get_segmenter(name: str, **options) -> Segmenter:
+    try:
+        target = BACKENDS[name]
+    except KeyError:
+        raise SegmentationError(f"unknown segmentation backend {name!r}; choose one of {available_segmenters()}") from None
+    module_name, class_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name, __package__), class_name)
+    return cls(**options)
