@@ -71,8 +71,10 @@ def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
         raise ImageInputError(folder, "is not a folder of DICOM files")
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     found = []
+    listed: set[str] = set()
     for uid in series_ids:
         files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        listed.update(os.path.abspath(f) for f in files)
         try:
             header = pydicom.dcmread(files[0], stop_before_pixels=True)
         except Exception as exc:  # pydicom raises many types for broken files
@@ -87,7 +89,31 @@ def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
             slice_thickness=float(thickness) if thickness not in (None, "") else None,
             kernel="\\".join(kernel) if isinstance(kernel, (list, pydicom.multival.MultiValue)) else str(kernel),
         ))
+    _raise_for_skipped_dicom_files(folder, listed)
     return found
+
+
+def _raise_for_skipped_dicom_files(folder: Path, listed: set[str]) -> None:
+    """GDCM silently leaves out files it cannot parse (e.g. truncated ones), which
+    would turn into a 'missing slice' far from its cause: name them instead."""
+    import pydicom
+
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or os.path.abspath(path) in listed:
+            continue
+        try:
+            with open(path, "rb") as f:
+                looks_dicom = f.read(132)[128:132] == b"DICM"
+        except OSError as exc:
+            raise ImageInputError(path, f"cannot be read: {exc.strerror}") from None
+        if not looks_dicom:
+            continue
+        try:
+            ds = pydicom.dcmread(path)
+            if "PixelData" in ds:
+                ds.pixel_array  # noqa: B018 - decoding is the check
+        except Exception as exc:
+            raise ImageInputError(path, f"DICOM file is truncated or corrupt: {exc}") from None
 
 
 def _check_dicom_headers(files: tuple[str, ...], require_ct: bool) -> None:
@@ -215,7 +241,23 @@ def read_image(path: str | Path, series_uid: str | None = None, require_ct: bool
     except RuntimeError as exc:
         first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
         raise ImageInputError(path, f"cannot be read as an image: {first_line}") from None
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_finite(path)
     return _validated(image, path)
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """ITK's NIfTI reader turns NaN voxels into 0 without a word; a CT with NaN is
+    broken upstream, so look at the stored floats themselves (float files only)."""
+    import nibabel
+
+    nifti = nibabel.load(str(path))
+    if not np.issubdtype(nifti.get_data_dtype(), np.floating):
+        return
+    data = np.asanyarray(nifti.dataobj)
+    n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    if n_bad:
+        raise ImageInputError(path, f"contains {n_bad} NaN or infinite voxel values")
 
 
 def read_label_map(path: str | Path) -> sitk.Image:

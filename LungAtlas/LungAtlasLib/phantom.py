@@ -30,7 +30,7 @@ from scipy import ndimage
 from .labels import LABELS
 
 # Field of view of the canonical frame (mm, LPS): x, y, z extents.
-FOV_MM = {"x": (-170.0, 170.0), "y": (-125.0, 125.0), "z": (-150.0, 140.0)}
+FOV_MM = {"x": (-170.0, 170.0), "y": (-125.0, 125.0), "z": (-160.0, 160.0)}
 
 HU = {"air": -1000.0, "lung": -860.0, "fat": -100.0, "soft": 40.0, "blood": 45.0,
       "bone": 650.0, "airway_wall": 60.0, "nodule": 20.0}
@@ -71,7 +71,7 @@ def _lung_side_masks(X, Y, Z):
     masks = {}
     for side, cx in (("right", -72.0), ("left", 72.0)):
         rx = 58.0 if side == "right" else 54.0
-        inside = ((X - cx) / rx) ** 2 + ((Y - 5.0) / 82.0) ** 2 + ((Z - 10.0) / 125.0) ** 2 < 1.0
+        inside = ((X - cx) / rx) ** 2 + ((Y - 5.0) / 82.0) ** 2 + ((Z - 5.0) / 118.0) ** 2 < 1.0
         # Diaphragm dome: the lung base rises towards the middle of each hemithorax
         # (the right dome sits higher, over the liver).
         dome_top = -70.0 + (12.0 if side == "right" else 0.0)
@@ -219,13 +219,13 @@ def _rotation(rx, ry, rz):
 
 def _subject_mapping(rng: np.random.Generator, variation: float) -> _SubjectMapping:
     """``variation`` 0 gives the identity (the atlas subject itself)."""
-    scale = 1.0 + variation * rng.uniform(-0.10, 0.10, 3)   # lung size: +-10 % per axis
-    angles = np.deg2rad(variation * rng.uniform(-6.0, 6.0, 3))
+    scale = 1.0 + variation * rng.uniform(-0.12, 0.12, 3)   # lung size: +-12 % per axis
+    angles = np.deg2rad(variation * rng.uniform(-8.0, 8.0, 3))
     matrix = _rotation(*angles) @ np.diag(1.0 / scale)      # atlas = R S^-1 patient
-    translation = variation * rng.uniform(-12.0, 12.0, 3)
+    translation = variation * rng.uniform(-20.0, 20.0, 3)
     k = 6
     centres = np.column_stack([rng.uniform(-110, 110, k), rng.uniform(-70, 70, k), rng.uniform(-90, 90, k)])
-    vectors = variation * rng.normal(0.0, 6.0, (k, 3))       # mm
+    vectors = variation * rng.normal(0.0, 7.0, (k, 3))       # mm
     return _SubjectMapping(matrix, translation, centres, vectors, bump_width=45.0)
 
 
