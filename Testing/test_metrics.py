@@ -121,3 +121,36 @@ def test_alignment_metrics_rows():
     assert by_region["lung"]["dice"] == 1.0 and by_region["lung"]["hausdorff95_mm"] == 0.0
     assert by_region["right_upper"]["relative_volume_difference"] == 0.0
     assert by_region["image"]["mse"] == 0.0
+
+
+def _hd95_by_distance_maps(a, b, spacing):
+    """Independent reference: surfaces by erosion, distances by Euclidean distance transforms."""
+    from scipy import ndimage
+    structure = ndimage.generate_binary_structure(3, 1)
+    sa = a & ~ndimage.binary_erosion(a, structure, border_value=0)
+    sb = b & ~ndimage.binary_erosion(b, structure, border_value=0)
+    da = ndimage.distance_transform_edt(~sa, sampling=spacing)
+    db = ndimage.distance_transform_edt(~sb, sampling=spacing)
+    return np.percentile(np.concatenate([da[sb], db[sa]]), 95)
+
+
+def test_region_surfaces_agree_with_distance_map_reference():
+    rng = np.random.default_rng(0)
+    from scipy import ndimage
+    noise = ndimage.gaussian_filter(rng.standard_normal((30, 40, 50)), 3)
+    ref = np.digitize(noise, [-0.05, 0.0, 0.05]).astype(np.uint8)   # labels 0-3, touching each other
+    test = np.roll(ref, (1, -2, 3), axis=(0, 1, 2))
+    spacing = (2.5, 0.8, 0.8)
+    rows = {r["region"]: r for r in metrics.alignment_metrics(
+        _with_spacing(sitk.GetImageFromArray(ref), spacing), _with_spacing(sitk.GetImageFromArray(test), spacing),
+        labels=(1, 2, 3))}
+    for label, key in ((1, "right_upper"), (2, "right_middle"), (3, "right_lower")):
+        expected = _hd95_by_distance_maps(ref == label, test == label, spacing)
+        assert rows[key]["hausdorff95_mm"] == pytest.approx(expected)
+        assert metrics.hausdorff95(ref == label, test == label, spacing) == pytest.approx(expected)
+    assert rows["lung"]["hausdorff95_mm"] == pytest.approx(_hd95_by_distance_maps(ref > 0, test > 0, spacing))
+
+
+def _with_spacing(image, spacing_zyx):
+    image.SetSpacing(spacing_zyx[::-1])
+    return image
