@@ -99,6 +99,6 @@ def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
 
 def crop(image: sitk.Image, box: tuple[slice, ...]) -> sitk.Image:
     """Crop to numpy-order slices, keeping physical geometry."""
-    lower = [box[2].start, box[1].start, box[0].start]
-    size = [box[2].stop - box[2].start, box[1].stop - box[1].start, box[0].stop - box[0].start]
+    lower = [int(box[2].start), int(box[1].start), int(box[0].start)]
+    size = [int(box[axis].stop - box[axis].start) for axis in (2, 1, 0)]
     return sitk.RegionOfInterest(image, size, lower)
