@@ -1,0 +1,399 @@
+"""The cohort run, start to end: index -> segment -> template -> register -> metrics ->
+nodules -> aggregate, resumable from the records in the run folder.
+
+Python API (what the command line, the demo and LungAtlasBatch call)::
+
+    from LungAtlasLib.cohort import pipeline
+    pipeline.index_cohort(out, dicom="/data/NLST", nlst_tables="/data/cdas", config=cfg)
+    summary = pipeline.run_cohort(out, config=cfg)        # resumes; finished work is kept
+    summary = pipeline.run_cohort(out, retry_failed=True) # `lungatlas retry`
+    pipeline.status(out)                                  # counts and failures, from the records
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..paths import inside, read_json, write_json_atomic, write_text_atomic
+from . import config as cfgmod
+from . import ingest, nlst, records
+from .executor import Executor
+from .stages import CaseFailed, run_case
+
+log = logging.getLogger(__name__)
+
+SEGMENT_PHASE = ("segment",)
+ATLAS_PHASE = ("register", "metrics", "nodules")
+
+
+class CohortError(RuntimeError):
+    """A problem with the cohort as a whole (no cases, no template); the message says what to do."""
+
+
+# ---------------------------------------------------------------------------
+# Index
+# ---------------------------------------------------------------------------
+def _clean(value):
+    """JSON-safe scalars: numpy -> Python, NaN/NA -> None (lists of dicts cleaned inside)."""
+    if isinstance(value, list):
+        return [{k: _clean(v) for k, v in item.items()} if isinstance(item, dict) else _clean(item)
+                for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def cases_path(out) -> Path:
+    return inside(out, "index", "cases.json")
+
+
+def index_cohort(out, *, dicom=None, manifest=None, nlst_tables=None, config: dict | None = None,
+                 workers: int = 2) -> dict:
+    """Build ``index/`` under ``out``: the series table (DICOM), the exams with the chosen
+    series and why, the NLST join, and ``cases.json`` (the cases to run). Returns a summary."""
+    config = cfgmod.merge(cfgmod.default_config(), config or {})
+    if (dicom is None) == (manifest is None):
+        raise CohortError("give exactly one input: a DICOM folder (--dicom) or a manifest CSV (--manifest)")
+    out = Path(out)
+    folder = inside(out, "index")
+    folder.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    started = time.perf_counter()
+    if dicom is not None:
+        series = ingest.index_dicom_tree(dicom, workers=workers)
+        exams = ingest.select_series(series, config["series_rule"])
+        cases, exam_problems = ingest.exams_to_cases(exams)
+        problems += exam_problems
+        for name, table in (("series", series), ("exams", exams)):
+            table.to_csv(folder / f"{name}.csv", index=False)
+            table.astype({c: "string" for c in table.columns if table[c].dtype == object}).to_parquet(
+                folder / f"{name}.parquet", index=False)
+        source = {"dicom": str(Path(dicom).resolve())}
+        n_series = len(series)
+    else:
+        cases = ingest.read_manifest(manifest)
+        source = {"manifest": str(Path(manifest).resolve())}
+        n_series = len(cases)
+    if nlst_tables is not None:
+        found = nlst.read_cdas_folder(nlst_tables)
+        prsn = screen = ctab = None
+        if found["prsn"] is not None:
+            prsn, p = nlst.read_participants(found["prsn"])
+            problems += p
+        if found["screen"] is not None:
+            screen, p = nlst.read_screens(found["screen"])
+            problems += p
+        if found["ctab"] is not None:
+            ctab, p = nlst.read_abnormalities(found["ctab"])
+            problems += p
+        if "participant_id" not in cases.columns:
+            raise CohortError("NLST tables need a participant_id for each case (from DICOM PatientID or "
+                              "a participant_id column in the manifest)")
+        cases, p = nlst.join_to_cases(cases, prsn, screen, ctab)
+        problems += p
+        source["nlst_tables"] = {k: str(v) if v else None for k, v in found.items()}
+    rows = [{k: _clean(v) for k, v in row.items()} for row in cases.to_dict("records")]
+    write_json_atomic(cases_path(out), {"source": source, "cases": rows})
+    flat = cases.drop(columns=["nlst_nodules"], errors="ignore")
+    flat.to_csv(folder / "cases.csv", index=False)
+    write_text_atomic(folder / "problems.txt", "".join(p + "\n" for p in problems))
+    summary = {"series": n_series, "cases": len(rows), "problems": len(problems),
+               "seconds": round(time.perf_counter() - started, 2), "index": str(folder)}
+    log.info("index: %d series -> %d cases, %d problems (index/problems.txt)", n_series, len(rows), len(problems))
+    return summary
+
+
+def load_cases(out) -> list[dict]:
+    path = cases_path(out)
+    if not path.exists():
+        raise CohortError(f"{out} has no index yet: run `lungatlas index --out {out} --dicom DIR|--manifest CSV` "
+                          "(or give --dicom/--manifest to `lungatlas run`)")
+    return read_json(path)["cases"]
+
+
+# ---------------------------------------------------------------------------
+# Planning: what is done, what must run
+# ---------------------------------------------------------------------------
+def case_input(case: dict) -> dict:
+    """The fields of a case that its results depend on (besides the configuration)."""
+    return {"ct": case.get("ct"), "series_uid": case.get("series_uid"), "labels": case.get("labels"),
+            "nodules": case.get("nodules"), "nlst_nodules": case.get("nlst_nodules")}
+
+
+def plan(out, config: dict, cases: list[dict], template_hash: str | None) -> pd.DataFrame:
+    """Per case: the stage hashes and whether each stage is done / failed / to run."""
+    rows = []
+    for case in cases:
+        hashes = cfgmod.case_stage_hashes(config, case_input(case), template_hash)
+        record = records.read_record(out, case["case_id"]) if records.record_path(out, case["case_id"]).exists() \
+            else {"stages": {}}
+        row = {"case_id": case["case_id"], "hashes": hashes}
+        for stage, h in hashes.items():
+            entry = record["stages"].get(stage)
+            if records.stage_is_done(record, stage, h):
+                row[stage] = "done"
+            elif entry and entry.get("status") == records.FAILED and entry.get("hash") == h:
+                row[stage] = "failed"
+            else:
+                row[stage] = "todo"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------
+# Template
+# ---------------------------------------------------------------------------
+TEMPLATE_FILES = ("ct.nii.gz", "lobes.nii.gz")
+
+
+def _given_template(path) -> dict:
+    folder = Path(path)
+    missing = [name for name in TEMPLATE_FILES if not (folder / name).exists()]
+    if missing:
+        raise CohortError(f"template folder {folder} lacks {missing}: a template is a folder with the template "
+                          "CT (ct.nii.gz) and its lobe labels (lobes.nii.gz)")
+    return {"ct": str(folder / "ct.nii.gz"), "labels": str(folder / "lobes.nii.gz"), "source": str(folder)}
+
+
+def _build_template_task(subset: list[dict], config: dict, folder: str) -> dict:
+    """Build the template from the subset's CTs and segmentations (issue-4 builder), on a worker."""
+    from .stages import load_plugins, read_case_ct
+    from ..io import read_label_map, write_image
+
+    load_plugins(config)
+    try:
+        from .. import template as template_pkg
+    except ImportError as exc:
+        raise CohortError("no template builder is installed in this version of LungAtlas; give an existing "
+                          "template folder with --template DIR (ct.nii.gz + lobes.nii.gz)") from exc
+    cts = [read_case_ct(c) for c in subset]
+    labels = [read_label_map(c["labels_path"]) for c in subset]
+    built = template_pkg.build_template(cts, labels, registration=config["registration"]["name"],
+                                        registration_options=config["registration"].get("options") or {},
+                                        **(config["template"].get("options") or {}))
+    folder = Path(folder)
+    write_image(built.ct, folder / "ct.nii.gz")
+    write_image(built.labels, folder / "lobes.nii.gz")
+    return {"ct": str(folder / "ct.nii.gz"), "labels": str(folder / "lobes.nii.gz"), "source": "built",
+            "info": getattr(built, "info", {})}
+
+
+def ensure_template(out, config: dict, cases: list[dict], plan_table: pd.DataFrame, executor: Executor) -> dict:
+    """The template to register to: a given folder, or one built once from the first
+    ``subset`` segmented cases (by case id) and kept under ``template/<hash>/``."""
+    if config["template"].get("path"):
+        template = _given_template(config["template"]["path"])
+        template["hash"] = cfgmod.template_hash(config, {})
+        return template
+    done = plan_table[plan_table["segment"] == "done"].sort_values("case_id")
+    subset_ids = list(done["case_id"][: int(config["template"]["subset"])])
+    if not subset_ids:
+        raise CohortError("no segmented case to build a template from (all segmentations failed?)")
+    hashes = {cid: h["segment"] for cid, h in zip(done["case_id"], done["hashes"]) if cid in subset_ids}
+    h = cfgmod.template_hash(config, hashes)
+    folder = inside(out, "template", h)
+    marker = folder / "template.json"
+    if marker.exists():
+        return read_json(marker)
+    by_id = {c["case_id"]: c for c in cases}
+    subset = []
+    for cid in subset_ids:
+        record = records.read_record(out, cid)
+        subset.append({**by_id[cid], "labels_path": record["stages"]["segment"]["outputs"]["labels"]})
+    result = executor.map_cases(_build_template_task, [("template", (subset, config, str(folder)), {})],
+                                label="template", gpu=True)
+    status, value = result["template"]
+    if status != "ok":
+        raise CohortError(f"building the template failed: {type(value).__name__}: {value}")
+    value.update(hash=h, subset=subset_ids)
+    write_json_atomic(marker, value)
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------
+def _record_lost_case(out, case_id: str, stages: tuple, hashes: dict, exc: BaseException) -> None:
+    """A task that ended without recording (its worker died, the task was cancelled):
+    record the failure on the first unfinished stage so that `retry` picks it up."""
+    record = records.read_record(out, case_id)
+    for stage in stages:
+        if not records.stage_is_done(record, stage, hashes[stage]):
+            entry = record["stages"].get(stage) or {}
+            record["stages"][stage] = {
+                "status": records.FAILED, "hash": hashes[stage], "error": f"{type(exc).__name__}: {exc}",
+                "traceback": ("the task ended without recording its result: its worker was lost (killed, out "
+                              "of memory, crashed) or the task could not start; see cases/<case>/case.log\n"
+                              + "".join(traceback.format_exception(exc))),
+                "finished": time.time(), "attempts": int(entry.get("attempts", 0)) + 1}
+            records.write_record(out, record)
+            return
+
+
+def _run_phase(out, config, cases_by_id, plan_table, stages, template, executor, retry_failed, on_case):
+    items, skipped_failed, hashes_by_id = [], [], {}
+    for row in plan_table.itertuples(index=False):
+        states = [getattr(row, s) for s in stages]
+        hashes_by_id[row.case_id] = row.hashes
+        if all(s == "done" for s in states):
+            continue
+        if stages != SEGMENT_PHASE and row.segment != "done":
+            continue  # not segmented (failed): nothing to register
+        first_open = next(s for s in states if s != "done")
+        if first_open == "failed" and not retry_failed:
+            skipped_failed.append(row.case_id)
+            continue
+        items.append((row.case_id, (cases_by_id[row.case_id], config, str(out), row.hashes, template),
+                      {"stages": stages, "retry_failed": retry_failed}))
+    if not items:
+        return {}, skipped_failed
+
+    def handle(case_id, status, value):
+        if status == "error" and not isinstance(value, CaseFailed):
+            _record_lost_case(out, case_id, stages, hashes_by_id[case_id], value)
+        if on_case is not None:
+            on_case(case_id, status, value)
+
+    results = executor.map_cases(run_case, items, label=stages[0] if len(stages) == 1 else "register",
+                                 gpu=True, retries=int(config["execution"].get("retries", 0)), on_result=handle)
+    return results, skipped_failed
+
+
+def run_cohort(out, config: dict | None = None, *, retry_failed: bool = False, executor: Executor | None = None,
+               on_case=None, progress: bool = True) -> dict:
+    """Run (or resume) every stage for every indexed case. Returns a summary with the
+    counts of finished/failed cases and the stages that ran now.
+
+    ``config`` replaces the stored run configuration (stored for the next resume);
+    ``None`` reuses it. ``on_case(case_id, status, value)`` is called as each case task ends.
+    """
+    out = Path(out).resolve()
+    stored = cfgmod.load_run_config(out)
+    config = cfgmod.merge(cfgmod.default_config(), config) if config is not None else stored
+    if config is None:
+        raise CohortError(f"{out} has no run configuration: run `lungatlas run --out {out} ...` first")
+    cfgmod.save_run_config(out, config)
+    cases = load_cases(out)
+    if not cases:
+        raise CohortError(f"the index of {out} holds no case (see {out / 'index' / 'problems.txt'})")
+    cases_by_id = {c["case_id"]: c for c in cases}
+    started = time.perf_counter()
+    own_executor = executor is None
+    if own_executor:
+        executor = Executor(progress=progress, **config["execution"])
+    ran = {"segment": 0, "register": 0}
+    with (executor if own_executor else _nullcontext(executor)):
+        table = plan(out, config, cases, None)
+        results, _ = _run_phase(out, config, cases_by_id, table, SEGMENT_PHASE, None, executor, retry_failed,
+                                on_case)
+        ran["segment"] = sum(1 for s, _ in results.values() if s == "ok")
+        table = plan(out, config, cases, None)
+        template = None
+        if (table["segment"] == "done").any():
+            template = ensure_template(out, config, cases, table, executor)
+            table = plan(out, config, cases, template["hash"])
+            results, _ = _run_phase(out, config, cases_by_id, table, ATLAS_PHASE, template, executor,
+                                    retry_failed, on_case)
+            ran["register"] = sum(1 for s, _ in results.values() if s == "ok")
+    cohort = records.write_cohort_table(out, [c["case_id"] for c in cases])
+    aggregate_info = aggregate(out, cohort, template) if template else {}
+    final = plan(out, config, cases, template["hash"] if template else None)
+    done = int(sum(all(getattr(r, s) == "done" for s in cfgmod.CASE_STAGES) for r in final.itertuples()))
+    failed = sorted(r.case_id for r in final.itertuples() if any(getattr(r, s) == "failed"
+                                                                 for s in cfgmod.CASE_STAGES))
+    summary = {"cases": len(cases), "done": done, "failed": len(failed), "failed_cases": failed,
+               "ran": ran, "seconds": round(time.perf_counter() - started, 1),
+               "template": template.get("ct") if template else None, **aggregate_info}
+    write_json_atomic(inside(out, "run_summary.json"), summary)
+    return summary
+
+
+class _nullcontext:
+    def __init__(self, value):
+        self.value = value
+
+    def __enter__(self):
+        return self.value
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Aggregate
+# ---------------------------------------------------------------------------
+def aggregate(out, cohort: pd.DataFrame, template: dict) -> dict:
+    """Cohort-level results from the finished cases: all nodules in atlas space,
+    per-lobe counts and rates (volume-normalised), a nodule density map, and the
+    mean alignment. Rebuilt from the case files each run (cheap)."""
+    from ..io import read_label_map, write_image
+    from ..nodules.density import density_map
+    from ..nodules.lobes import lobe_rates, lobe_volumes_ml
+    from ..nodules.mapping import atlas_points
+
+    folder = inside(out, "aggregate")
+    folder.mkdir(parents=True, exist_ok=True)
+    tables = []
+    for case_id in cohort.loc[cohort["status"] == "done", "case_id"]:
+        record = records.read_record(out, case_id)
+        path = record["stages"]["nodules"]["outputs"]["table"]
+        table = pd.read_csv(path)
+        if len(table):
+            tables.append(table)
+    nodules = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["status", "atlas_lobe"])
+    nodules.to_csv(folder / "nodules_in_atlas.csv", index=False)
+    atlas_labels = read_label_map(template["labels"])
+    used = nodules[nodules["status"] == "ok"] if len(nodules) else nodules
+    rates = lobe_rates(used["atlas_lobe"].astype(int).to_numpy() if len(used) else [], lobe_volumes_ml(atlas_labels))
+    rates.to_csv(folder / "per_lobe.csv", index=False)
+    n_scans = int((cohort["status"] == "done").sum())
+    if len(used) and n_scans:
+        density = density_map(atlas_points(used), atlas_labels, atlas_labels > 0, n_scans=n_scans)
+        write_image(density, folder / "nodule_density.nii.gz")
+    done = cohort[cohort["status"] == "done"]
+    info = {"nodules_mapped": int(len(used)), "nodules_total": int(len(nodules)),
+            "lung_dice_before_mean": _mean(done, "metrics_lung_dice_before"),
+            "lung_dice_after_mean": _mean(done, "metrics_lung_dice_after"),
+            "lobe_dice_after_mean": _mean(done, "metrics_lobe_dice_mean_after")}
+    write_json_atomic(folder / "summary.json", info)
+    return info
+
+
+def _mean(frame: pd.DataFrame, column: str):
+    if column not in frame or frame[column].dropna().empty:
+        return None
+    return round(float(pd.to_numeric(frame[column], errors="coerce").mean()), 4)
+
+
+# ---------------------------------------------------------------------------
+# Status
+# ---------------------------------------------------------------------------
+def status(out) -> dict:
+    """Counts per case status and per failed stage, and the failures with their errors,
+    read from the records only (works while a run is going on)."""
+    out = Path(out).resolve()
+    cases = load_cases(out)
+    table = records.cohort_table(out, [c["case_id"] for c in cases])
+    counts = table["status"].value_counts().to_dict() if len(table) else {}
+    failures = table[table["status"] == "failed"][["case_id", "failed_stage", "error"]].to_dict("records") \
+        if len(table) else []
+    return {"cases": len(cases), "counts": counts, "failures": failures}
+
+
+def clear_outputs(out, case_id: str) -> None:
+    """Forget a case's results (its folder), e.g. after replacing its input file."""
+    shutil.rmtree(records.case_dir(out, case_id), ignore_errors=True)
+
+
+def describe(summary: dict) -> str:
+    return json.dumps(summary, indent=1, default=str)
