@@ -15,6 +15,12 @@ import sys
 # subcommand name -> module (relative to this package) that implements it
 COMMAND_MODULES = {
     "demo": ".demo",
+    "index": ".cohort.commands.index",
+    "run": ".cohort.commands.run",
+    "status": ".cohort.commands.status",
+    "retry": ".cohort.commands.retry",
+    "report": ".cohort.commands.report",
+    "atlas-stats": ".nodules.atlas_stats",
 }
 
 
