@@ -21,6 +21,7 @@ COMMAND_MODULES = {
     "retry": ".cohort.commands.retry",
     "report": ".cohort.commands.report",
     "atlas-stats": ".nodules.atlas_stats",
+    "atlas-stats": ".nodules.atlas_stats",
 }
 
 
