@@ -9,7 +9,12 @@ import SimpleITK as sitk
 
 # backend name -> "module:Class", imported on first use so that heavy optional
 # dependencies (torch, nnU-Net) load only when that backend is chosen
-BACKENDS: dict[str, str] = {}
+BACKENDS: dict[str, str] = {
+    "totalsegmentator": ".totalsegmentator:TotalSegmentatorSegmenter",
+    "precomputed": ".precomputed:PrecomputedSegmenter",
+    "classical": ".classical:ClassicalSegmenter",
+}
+DEFAULT_BACKEND = "totalsegmentator"
 
 
 class SegmentationError(RuntimeError):
