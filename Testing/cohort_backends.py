@@ -54,8 +54,34 @@ class TruthSegmenter(Segmenter):
                 marker.write_text(str(os.getpid()))
                 os._exit(17)  # the worker process dies in the middle of the case
         _count(self.calls_file, f"segment {case_id} {os.getpid()}")
+        if not self.labels:  # real CT without truth: lungs by threshold, as sides
+            return SegmentationResult(labels=_threshold_sides(ct), kind="sides", backend=self.name,
+                                      qc={"passed": True, "flags": []})
         labels = read_label_map(self.labels)
         return SegmentationResult(labels=labels, kind="lobes", backend=self.name, qc={"passed": True, "flags": []})
+
+
+def _threshold_sides(ct):
+    """Air below -400 HU not connected to the image border, the two largest parts, split by x."""
+    from scipy import ndimage
+
+    air = sitk.GetArrayFromImage(ct) < -400
+    components, n = ndimage.label(air)
+    border = np.unique(np.concatenate([components[:, 0].ravel(), components[:, -1].ravel(),
+                                       components[:, :, 0].ravel(), components[:, :, -1].ravel()]))
+    sizes = np.bincount(components.ravel(), minlength=n + 1)
+    sizes[border] = 0
+    sizes[0] = 0
+    lungs = np.isin(components, np.argsort(sizes)[-2:]) & (sizes[components] > 0)
+    out = np.zeros(air.shape, np.uint8)
+    xs = np.nonzero(lungs)[2]
+    middle = np.median(xs) if len(xs) else air.shape[2] / 2
+    x = np.arange(air.shape[2])[None, None, :]
+    out[lungs & (x < middle)] = 1   # LPS: low column index = patient right
+    out[lungs & (x >= middle)] = 2
+    image = sitk.GetImageFromArray(out)
+    image.CopyInformation(ct)
+    return image
 
 
 class CentroidRegistration(Registration):

@@ -288,11 +288,11 @@ def run_cohort(out, config: dict | None = None, *, retry_failed: bool = False, e
         raise CohortError(f"the index of {out} holds no case (see {out / 'index' / 'problems.txt'})")
     cases_by_id = {c["case_id"]: c for c in cases}
     started = time.perf_counter()
-    own_executor = executor is None
-    if own_executor:
+    if executor is None:
         executor = Executor(progress=progress, **config["execution"])
     ran = {"segment": 0, "register": 0}
-    with (executor if own_executor else _nullcontext(executor)):
+    # an executor already started by the caller stays open for the caller's next run
+    with (executor if executor.client is None else _nullcontext(executor)):
         table = plan(out, config, cases, None)
         results, _ = _run_phase(out, config, cases_by_id, table, SEGMENT_PHASE, None, executor, retry_failed,
                                 on_case)
