@@ -41,3 +41,22 @@ def phantom_atlas():
 def phantom_subject():
     from LungAtlasLib import phantom
     return phantom.make_subject(seed=3, spacing_mm=4.0, n_nodules=3)
+
+
+@pytest.fixture(scope="session")
+def slicer_modules():
+    """Makes the Slicer module files importable in plain Python under slicer-core:
+    Qt-free stand-ins for ``slicer.ScriptedLoadableModule`` (Testing/slicer_stubs/slicer,
+    no __init__.py: slicer-core extends the ``slicer`` package path) and the module folders
+    on sys.path. Returns the repository root."""
+    import sys
+
+    pytest.importorskip("slicer")
+    stubs = REPO_ROOT / "Testing" / "slicer_stubs"
+    for folder in (stubs, REPO_ROOT / "LungAtlasBatch", REPO_ROOT / "LungAtlas"):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    import slicer
+    if str(stubs / "slicer") not in slicer.__path__:  # slicer imported before the path was set
+        slicer.__path__.append(str(stubs / "slicer"))
+    return REPO_ROOT
