@@ -261,12 +261,31 @@ def _run_phase(out, config, cases_by_id, plan_table, stages, template, executor,
     def handle(case_id, status, value):
         if status == "error" and not isinstance(value, CaseFailed):
             _record_lost_case(out, case_id, stages, hashes_by_id[case_id], value)
-        if on_case is not None:
-            on_case(case_id, status, value)
+        for listener in ([on_case] if on_case is not None else []) + list(_CASE_LISTENERS):
+            listener(case_id, status, value)
 
     results = executor.map_cases(run_case, items, label=stages[0] if len(stages) == 1 else "register",
                                  gpu=True, retries=int(config["execution"].get("retries", 0)), on_result=handle)
     return results, skipped_failed
+
+
+_CASE_LISTENERS: list = []
+
+
+class case_listener:
+    """Within this context, ``fn(case_id, status, value)`` is called as each case task ends,
+    in the calling process (e.g. LungAtlasBatch clears the Slicer scene per case)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __enter__(self):
+        _CASE_LISTENERS.append(self.fn)
+        return self.fn
+
+    def __exit__(self, *exc):
+        _CASE_LISTENERS.remove(self.fn)
+        return False
 
 
 def run_cohort(out, config: dict | None = None, *, retry_failed: bool = False, executor: Executor | None = None,
