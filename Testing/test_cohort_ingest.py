@@ -156,3 +156,31 @@ def test_manifest_paths_ids_and_errors(tmp_path):
     (tmp_path / "noct.csv").write_text("case_id,image\nx,a.nii.gz\n")
     with pytest.raises(ValueError, match="no 'ct' column"):
         ingest.read_manifest(tmp_path / "noct.csv")
+
+
+def test_documented_jobqueue_configuration_gives_gpu_job_scripts():
+    """docs/examples/dask-jobqueue-slurm.yaml must give SLURM and PBS job scripts that
+    request a GPU and start workers declaring the GPU resource the model stages ask for."""
+    import copy
+    from pathlib import Path
+
+    import dask
+    import dask_jobqueue
+    import yaml
+
+    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "dask-jobqueue-slurm.yaml"
+    config = yaml.safe_load(example.read_text())
+    for kind in ("slurm", "pbs"):
+        config["jobqueue"][kind]["interface"] = None  # the example's ib0 does not exist here
+    saved = copy.deepcopy(dask.config.config)
+    try:
+        dask.config.update(dask.config.config, config, priority="new")
+        with dask_jobqueue.SLURMCluster(scheduler_options={"dashboard_address": None}) as slurm:
+            script = slurm.job_script()
+        assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
+        with dask_jobqueue.PBSCluster(scheduler_options={"dashboard_address": None}) as pbs:
+            script = pbs.job_script()
+        assert "ngpus=1" in script and "--resources GPU=1" in script
+    finally:
+        dask.config.config.clear()
+        dask.config.config.update(saved)

@@ -1,22 +1,21 @@
 """Run LungAtlas end to end on the built-in demo cohort (seeded chest phantoms).
 
-Writes into --out: the demo cohort (CT, truth labels, truth nodules), per-case
-alignment metrics against the atlas subject before registration, and a
-cohort metrics table. Run again into the same folder to resume: finished
-cases are kept, not recomputed.
+Writes the demo cohort (CT, truth lobes, truth nodules) under --out/demo_cohort
+and runs the cohort engine on it in --out: segmentation, registration to the
+template (the canonical phantom), alignment metrics before and after, nodules
+mapped into the atlas, and the aggregate (per-lobe rates, density map). Run
+again into the same folder to resume: nothing finished is recomputed.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from . import phantom
-from .geometry import resample_to
-from .io import read_image, read_label_map
-from .metrics import alignment_metrics
-from .paths import inside, read_json, write_json_atomic
+from .paths import inside, read_json
 
 HELP = "run the whole pipeline on the built-in demo cohort (resumable)"
 log = logging.getLogger(__name__)
@@ -25,8 +24,14 @@ log = logging.getLogger(__name__)
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="run folder (created; reused to resume)")
     parser.add_argument("--subjects", type=int, default=6, help="number of demo subjects (default 6)")
-    parser.add_argument("--spacing", type=float, default=3.0, help="phantom voxel size in mm (default 3)")
+    parser.add_argument("--spacing", type=float, default=4.0, help="phantom voxel size in mm (default 4)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the first subject (default 1)")
+    parser.add_argument("--segmenter", default="classical",
+                        help="segmentation backend: classical (lungs, computed; default) or precomputed "
+                             "(the phantoms' truth lobes)")
+    parser.add_argument("--registration", default="classical", help="registration backend (default classical)")
+    parser.add_argument("--workers", type=int, default=1, help="local Dask worker processes (1 = in-process)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def ensure_demo_cohort(out: Path, n_subjects: int, spacing_mm: float, first_seed: int = 1) -> pd.DataFrame:
@@ -46,39 +51,52 @@ def ensure_demo_cohort(out: Path, n_subjects: int, spacing_mm: float, first_seed
             subject.metadata.update(phantom.subject_phenotype(seed))
             phantom.write_subject(subject, folder)  # subject.json last: it marks the case complete
             log.info("demo cohort: %s written", subject_id)
-        rows.append({"case_id": subject_id, "ct": str(folder / "ct.nii.gz"),
+        meta = read_json(done)
+        rows.append({"case_id": subject_id, "participant_id": subject_id, "ct": str(folder / "ct.nii.gz"),
                      "labels": str(folder / "lobes_truth.nii.gz"), "nodules": str(folder / "nodules_truth.csv"),
-                     "is_atlas": subject_id == "atlas"})
+                     "is_atlas": subject_id == "atlas",
+                     **{k: meta.get(k) for k in ("age", "gender", "cigsmok", "pkyr", "can_scr")}})
     manifest = pd.DataFrame(rows)
-    manifest.to_csv(cohort / "manifest.csv", index=False)
+    manifest.to_csv(cohort / "all_subjects.csv", index=False)
     return manifest
 
 
-def case_metrics_before(case: pd.Series, atlas_ct, atlas_labels, out: Path) -> list[dict]:
-    """Alignment of a case to the atlas with no registration (scanner coordinates as they are)."""
-    record_path = inside(out, "cases", case.case_id, "metrics_before.json")
-    if record_path.exists():
-        return read_json(record_path)["rows"]
-    ct = resample_to(read_image(case.ct), atlas_ct)
-    labels = resample_to(read_label_map(case.labels), atlas_labels, is_label=True)
-    rows = alignment_metrics(atlas_labels, labels, atlas_ct, ct)
-    write_json_atomic(record_path, {"case_id": case.case_id, "stage": "before", "rows": rows})
-    return rows
+def demo_config(out: Path, manifest: pd.DataFrame, segmenter: str, registration: str, workers: int) -> dict:
+    """The cohort configuration of the demo: the canonical phantom is the template."""
+    from .cohort.config import default_config, merge
+
+    atlas = manifest[manifest.is_atlas].iloc[0]
+    template = inside(out, "demo_cohort", "template")
+    template.mkdir(parents=True, exist_ok=True)
+    for source, name in ((atlas.ct, "ct.nii.gz"), (atlas.labels, "lobes.nii.gz")):
+        if not (template / name).exists():
+            shutil.copy(source, template / name)
+    segmentation = {"name": segmenter, "options": {}}
+    if segmenter == "precomputed":
+        segmentation["options"] = {"path": "{labels}", "code_map": "lungatlas"}
+    return merge(default_config(), {
+        "segmentation": segmentation,
+        "registration": {"name": registration, "options": {}},
+        "template": {"path": str(template)},
+        "execution": {"workers": workers, "memory_limit": "3GB"},
+    })
 
 
 def run(args) -> int:
+    from .cli import UserError
+    from .cohort import pipeline
+    from .cohort.commands import print_summary
+
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     manifest = ensure_demo_cohort(out, args.subjects, args.spacing, args.seed)
-    atlas = manifest[manifest.is_atlas].iloc[0]
-    atlas_ct, atlas_labels = read_image(atlas.ct), read_label_map(atlas.labels)
-    table = []
-    for case in manifest[~manifest.is_atlas].itertuples():
-        for row in case_metrics_before(case, atlas_ct, atlas_labels, out):
-            table.append({"case_id": case.case_id, "stage": "before", **row})
-    metrics = pd.DataFrame(table)
-    metrics.to_csv(out / "metrics.csv", index=False)
-    lung = metrics[metrics.region == "lung"]
-    print(f"demo: {len(manifest) - 1} subjects in {out}; whole-lung Dice to the atlas before registration "
-          f"{lung.dice.mean():.3f} (mean); table {out / 'metrics.csv'}")
-    return 0
+    cases = manifest[~manifest.is_atlas].drop(columns="is_atlas")
+    manifest_path = inside(out, "demo_cohort", "manifest.csv")
+    cases.to_csv(manifest_path, index=False)
+    config = demo_config(out, manifest, args.segmenter, args.registration, args.workers)
+    try:
+        pipeline.index_cohort(out, manifest=manifest_path, config=config)
+        summary = pipeline.run_cohort(out, config, progress=not args.no_progress)
+    except (pipeline.CohortError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    return print_summary(summary, out)
