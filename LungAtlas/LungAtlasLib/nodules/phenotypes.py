@@ -11,7 +11,8 @@ group ``"unknown"``, which is reported and left out of the tests.
 
 Permutation test: the statistic at each atlas voxel is the difference of the
 two groups' mean densities (nodules per mL per scan, the same maps as
-:mod:`.density`); group labels are permuted between exchangeable units
+:mod:`.density`) divided by the square root of the pooled density (its Poisson
+scale, so that common and rare regions weigh alike); group labels are permuted between exchangeable units
 (participants; scans for the screening-year comparison, where a participant
 is in both groups); family-wise error is controlled by the maximum statistic
 (Nichols & Holmes 2002): a voxel's corrected p-value is the share of
@@ -189,9 +190,13 @@ def density_permutation_test(group_density: GroupDensity, scan_groups: np.ndarra
     cache); ``scan_units``: exchangeable unit per scan (participant id, or the scan
     itself). Units whose scans carry several groups are refused (not exchangeable).
 
-    Returns ``difference`` (A - B, nodules per mL per scan), ``p_fwe`` (corrected
-    p per voxel, 1 outside the lungs), ``p_global``, ``max_abs_difference``,
-    ``fwe_threshold_05`` (95th percentile of the null maximum), ``n_a``/``n_b`` scans.
+    Statistic per voxel: (mean density A - mean density B) / sqrt(pooled density +
+    5 % of its in-lung mean), the difference in units of its Poisson scale.
+
+    Returns ``difference`` (A - B, nodules per mL per scan), ``statistic``,
+    ``p_fwe`` (corrected p per voxel, 1 outside the lungs), ``p_global``,
+    ``max_abs_difference``, ``max_abs_statistic``, ``fwe_threshold_05`` (95th
+    percentile of the null maximum statistic), ``n_a``/``n_b`` scans.
     """
     scan_groups = np.asarray(scan_groups, dtype=object)
     units, unit_of_scan = np.unique(np.asarray(scan_units, dtype=object).astype(str), return_inverse=True)
@@ -214,21 +219,29 @@ def density_permutation_test(group_density: GroupDensity, scan_groups: np.ndarra
         return np.where(is_a, 1.0 / max(is_a.sum(), 1), 0.0) - np.where(is_b, 1.0 / max(is_b.sum(), 1), 0.0)
 
     mask = group_density.mask
-    observed = group_density.map(weights_for(unit_group))
+    # Standardise by the Poisson scale of the pooled density: a kernel estimate's variance grows
+    # with the local density, so an unscaled maximum would only ever look where nodules are
+    # common. The pooled map is the same under every permutation, so this costs one map.
+    pooled = group_density.map(np.where(scans_in_test, 1.0 / scans_in_test.sum(), 0.0))
+    floor = 0.05 * float(pooled[mask].mean()) if mask.any() else 0.0
+    scale = 1.0 / np.sqrt(np.maximum(pooled, 0.0) + floor + 1e-30)
+    difference = group_density.map(weights_for(unit_group))
+    observed = difference * scale
     rng = np.random.default_rng(seed)
     test_units = np.flatnonzero(in_test)
     maxima = np.empty(n_permutations)
     for i in range(n_permutations):
         shuffled = unit_group.copy()
         shuffled[test_units] = rng.permutation(unit_group[test_units])
-        maxima[i] = np.abs(group_density.map(weights_for(shuffled))[mask]).max(initial=0.0)
+        maxima[i] = np.abs((group_density.map(weights_for(shuffled)) * scale)[mask]).max(initial=0.0)
     absolute = np.abs(observed)
     sorted_max = np.sort(maxima)
     exceed = n_permutations - np.searchsorted(sorted_max, absolute[mask], side="left")
     p_fwe = np.ones(mask.shape, np.float32)
     p_fwe[mask] = (1.0 + exceed) / (1.0 + n_permutations)
     max_abs = float(absolute[mask].max(initial=0.0))
-    return {"difference": observed.astype(np.float32), "p_fwe": p_fwe,
-            "p_global": float((1.0 + np.sum(maxima >= max_abs)) / (1.0 + n_permutations)),
-            "max_abs_difference": max_abs, "fwe_threshold_05": float(np.quantile(maxima, 0.95)),
+    return {"difference": difference.astype(np.float32), "statistic": observed.astype(np.float32),
+            "p_fwe": p_fwe, "p_global": float((1.0 + np.sum(maxima >= max_abs)) / (1.0 + n_permutations)),
+            "max_abs_difference": float(np.abs(difference[mask]).max(initial=0.0)),
+            "max_abs_statistic": max_abs, "fwe_threshold_05": float(np.quantile(maxima, 0.95)),
             "n_a": n_a, "n_b": n_b, "n_permutations": n_permutations, "group_a": group_a, "group_b": group_b}

@@ -47,13 +47,32 @@ class LobeSampler:
         return points, lobes
 
 
+    def sample_ball(self, rng: np.random.Generator, centre_lps, radius_mm: float, mean_count: float):
+        """A Poisson(mean_count) number of lung points uniform in a ball (LPS mm)."""
+        if not hasattr(self, "_lung_points"):
+            self._lung_points = np.concatenate([index_to_physical(self.image, v.astype(float))
+                                                for v in self.voxels.values()])
+            self._lung_lobes = np.concatenate([np.full(len(v), lobe) for lobe, v in self.voxels.items()])
+        near = np.flatnonzero(np.linalg.norm(self._lung_points - np.asarray(centre_lps, float), axis=1) <= radius_mm)
+        if len(near) == 0:
+            raise ValueError(f"no atlas lung voxel within {radius_mm} mm of {centre_lps}")
+        chosen = near[rng.integers(0, len(near), int(rng.poisson(mean_count)))]
+        spacing = np.asarray(self.image.GetSpacing())
+        return (self._lung_points[chosen] + rng.uniform(-0.45, 0.45, (len(chosen), 3)) * spacing,
+                self._lung_lobes[chosen])
+
+
 def planted_cohort(lobe_labels: sitk.Image, n_scans: int, seed: int, *, weights_per_ml: dict[int, float] | None = None,
                    nodules_per_scan: float = 1.5, group_column: str = "sex", groups=("male", "female"),
-                   group_b_weights: dict[int, float] | None = None, scans_per_participant: int = 1):
+                   group_b_weights: dict[int, float] | None = None, group_b_hotspot: tuple | None = None,
+                   scans_per_participant: int = 1):
     """(mapped nodule table, scan table) of a planted cohort.
 
     Scans alternate between ``groups``; scans of ``groups[1]`` use
     ``group_b_weights`` (default: the same weights, i.e. a null difference).
+    ``group_b_hotspot`` = (centre LPS mm, radius mm, mean extra nodules per scan):
+    scans of ``groups[1]`` also get a Poisson number of nodules uniform in that
+    ball (clipped to the lungs): a focal difference.
     ``scans_per_participant`` > 1 gives screens T0, T1, ... of one participant
     (same group)."""
     rng = np.random.default_rng(seed)
@@ -69,6 +88,10 @@ def planted_cohort(lobe_labels: sitk.Image, n_scans: int, seed: int, *, weights_
                           "study_yr": scan % scans_per_participant, group_column: group})
         n = int(rng.poisson(nodules_per_scan))
         points, lobes = sampler.sample(rng, weights if group == groups[0] else weights_b, n)
+        if group_b_hotspot is not None and group == groups[1]:
+            extra_points, extra_lobes = sampler.sample_ball(rng, *group_b_hotspot)
+            points, lobes = np.vstack([points, extra_points]), np.concatenate([lobes, extra_lobes])
+            n = len(lobes)
         for i in range(n):
             nodule_rows.append({"nodule_id": f"{case_id}-n{i + 1}", "case_id": case_id, "participant": participant,
                                 "study_yr": scan % scans_per_participant, "status": "ok",

@@ -40,8 +40,13 @@ def alignment_boxplots(metrics: pd.DataFrame, path) -> Path:
     panels = [p for p in panels if p[0] in metrics and metrics[p[0]].notna().any()]
     stages = [s for s in ("before", "after") if s in set(metrics["stage"])] or sorted(metrics["stage"].unique())
     colours = {"before": "#c44e52", "after": "#4c72b0"}
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.8 * len(panels)), squeeze=False)
-    for ax, (column, title, regions) in zip(axes[:, 0], panels):
+    n_cols = 2 if len(panels) > 1 else 1
+    n_rows = int(np.ceil(len(panels) / n_cols))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(6.2 * n_cols, 3.3 * n_rows), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    rng = np.random.default_rng(0)  # jitter of the case dots only
+    for ax, (column, title, regions) in zip(axes.ravel(), panels):
         regions = [r for r in regions if ((metrics["region"] == r) & metrics[column].notna()).any()]
         width = 0.8 / max(len(stages), 1)
         for s, stage in enumerate(stages):
@@ -51,13 +56,16 @@ def alignment_boxplots(metrics: pd.DataFrame, path) -> Path:
             keep = [i for i, d in enumerate(data) if len(d)]
             if keep:
                 parts = ax.boxplot([data[i] for i in keep], positions=positions[keep], widths=width * 0.9,
-                                   patch_artist=True, showfliers=True)
+                                   patch_artist=True, showfliers=False, medianprops={"color": "black"})
                 for box in parts["boxes"]:
                     box.set_facecolor(colours.get(stage, "#888888"))
-                    box.set_alpha(0.75)
+                    box.set_alpha(0.6)
+                for i in keep:  # every case as a dot: small cohorts stay readable
+                    ax.scatter(positions[i] + rng.uniform(-0.25, 0.25, len(data[i])) * width, data[i], s=9,
+                               color="black", alpha=0.6, zorder=3, linewidths=0)
             ax.plot([], [], color=colours.get(stage, "#888888"), lw=8, alpha=0.75, label=stage)
         ax.set_xticks(np.arange(len(regions)))
-        ax.set_xticklabels([r.replace("_", " ") for r in regions])
+        ax.set_xticklabels([r.replace("_", "\n") for r in regions], fontsize=8)
         ax.set_title(title, loc="left", fontsize=11)
         ax.grid(axis="y", alpha=0.3)
         if column == "dice":
