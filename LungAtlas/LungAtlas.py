@@ -54,7 +54,7 @@ NO_DEPS_PACKAGES = {"TotalSegmentator"}
 
 # Atlas bundle files, first match wins (see docs/slicer.md and the atlas builder's atlas.json).
 ATLAS_FILES = {
-    "template": ["template.nii.gz", "template_ct.nii.gz", "template.nrrd"],
+    "template": ["template.nii.gz", "template_ct.nii.gz", "ct.nii.gz", "template.nrrd"],
     "lobes": ["template_lobes.nii.gz", "lobes.nii.gz", "template_labels.nii.gz", "lobes.nrrd"],
     "density": ["nodule_density_all.nii.gz", "maps/nodule_density_all.nii.gz", "nodule_density_all.nrrd"],
 }
