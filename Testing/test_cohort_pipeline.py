@@ -153,3 +153,33 @@ def test_command_line_run_status_retry_report(tmp_path, phantom_cohort, capsys):
     assert cli.main(["run", "--out", str(tmp_path / "empty")]) == 2
     assert "has no index yet" in capsys.readouterr().err
     assert cli.main(["run", "--out", str(out), "--registration-option", "novalue"]) == 2
+
+
+def test_nlst_tables_reach_the_nodule_stage(tmp_path, phantom_cohort):
+    """Phenotype columns land in the cohort table; ctab nodule rows (no coordinates) reach
+    the nodule stage, which places them by lobe + slice or reports why it cannot."""
+    subjects = phantom_cohort["subjects"].iloc[:1].assign(participant_id="100001", study_yr=0, case_id="100001_T0")
+    manifest = tmp_path / "manifest.csv"
+    subjects.drop(columns=["nodules"]).to_csv(manifest, index=False)
+    tables = tmp_path / "cdas"
+    tables.mkdir()
+    (tables / "prsn.csv").write_text("pid,age,gender,cigsmok,pkyr\n100001,63,2,1,52.5\n")
+    (tables / "screen.csv").write_text("pid,study_yr\n100001,0\n")
+    (tables / "ctab.csv").write_text(
+        "pid,study_yr,sct_ab_num,sct_ab_desc,sct_epi_loc,sct_long_dia,sct_perp_dia,sct_pre_att,sct_slice_num\n"
+        "100001,0,1,51,3,9,7,1,20\n"     # right lower lobe, slice 20
+        "100001,0,2,51,8,6,5,1,30\n"     # "other": no lobe, reported
+        "100001,0,3,64,,,,,\n"           # not a nodule row
+        "100001,1,1,51,1,6,5,1,30\n")    # another screening year: not this case
+    out = tmp_path / "run"
+    pipeline.index_cohort(out, manifest=manifest, nlst_tables=tables)
+    summary = pipeline.run_cohort(out, make_config(tmp_path, phantom_cohort["template"]), progress=False)
+    assert summary["done"] == 1
+    table = pd.read_csv(out / "cohort_table.csv")
+    assert table.loc[0, "gender"] == "female" and table.loc[0, "pkyr"] == 52.5 and table.loc[0, "n_nlst_nodules"] == 2
+    record = records.read_record(out, "100001_T0")
+    nodules = pd.read_csv(record["stages"]["nodules"]["outputs"]["table"])
+    nlst_rows = nodules[nodules["source"] == "nlst_ctab"].set_index("nodule_id")
+    assert sorted(nlst_rows.index) == ["100001_T0-ab1", "100001_T0-ab2"]
+    assert nlst_rows.loc["100001_T0-ab2", "status"] == "nlst_other_location"
+    assert record["stages"]["nodules"]["summary"]["n_nodules"] == 2

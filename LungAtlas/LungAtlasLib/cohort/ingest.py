@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,9 +22,6 @@ log = logging.getLogger(__name__)
 NLST_STUDY_DATES = {"19990102": 0, "20000102": 1, "20010102": 2}
 SLICE_GAP_TOLERANCE = 0.05  # fraction of the nominal gap, as io.py
 
-_TAGS = ["PatientID", "StudyInstanceUID", "StudyDate", "SeriesInstanceUID", "SeriesDescription", "Modality",
-         "SliceThickness", "ConvolutionKernel", "ImageOrientationPatient", "ImagePositionPatient",
-         "Manufacturer", "Rows", "Columns", "PixelSpacing"]
 
 SERIES_COLUMNS = ["participant_id", "study_uid", "study_date", "study_yr", "timepoint", "series_uid", "modality",
                   "description", "manufacturer", "kernel", "slice_thickness_mm", "slice_gap_mm", "n_slices",
@@ -71,7 +67,8 @@ def _series_rows_in_folder(folder: str) -> list[dict]:
         if not entry.is_file() or entry.name.startswith("."):
             continue
         try:
-            ds = pydicom.dcmread(entry.path, stop_before_pixels=True, specific_tags=_TAGS)
+            # (specific_tags measured slower than a plain header read with pydicom 3)
+            ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
         except Exception as exc:  # pydicom raises many types for non-DICOM or broken files
             unreadable.append((entry.path, exc))
             continue
@@ -196,28 +193,42 @@ def index_dicom_tree(root: str | Path, workers: int = 2, use_processes: bool = T
 # ---------------------------------------------------------------------------
 # Series selection
 # ---------------------------------------------------------------------------
-def _rejection(series: pd.Series, rule: dict) -> str | None:
-    if series.get("series_uid") is None or pd.isna(series.get("series_uid")):
-        return f"unreadable ({series.get('problem')})"
-    if series.get("modality") not in ("CT", None, ""):
-        return f"modality {series.get('modality')}"
-    if rule.get("require_complete", True) and not bool(series.get("complete")):
-        return f"incomplete ({series.get('problem')})"
-    if rule.get("require_axial", True) and series.get("orientation") != "axial":
-        return f"{series.get('orientation')}, not axial"
-    if int(series.get("n_slices") or 0) < int(rule.get("min_slices", 0)):
-        return f"{series.get('n_slices')} slices < {rule.get('min_slices')}"
-    thickness = series.get("slice_thickness_mm")
-    if thickness is None or pd.isna(thickness):
-        return "slice thickness unknown"
-    if float(thickness) > float(rule["max_thickness_mm"]) + 1e-6:
-        return f"{float(thickness):g} mm > {float(rule['max_thickness_mm']):g} mm"
-    return None
+def _rejections(series: pd.DataFrame, rule: dict) -> pd.Series:
+    """Why each series is not eligible (None when it is), vectorised over the table."""
+    reason = pd.Series([None] * len(series), index=series.index, dtype=object)
+
+    def mark(condition, text):
+        hit = condition & reason.isna()
+        if hit.any():
+            reason[hit] = text[hit] if isinstance(text, pd.Series) else text
+
+    modality = series["modality"].fillna("")
+    thickness = pd.to_numeric(series["slice_thickness_mm"], errors="coerce")
+    problem = series["problem"].fillna("").astype(str)
+    orientation = series["orientation"].fillna("unknown").astype(str)
+    n_slices = pd.to_numeric(series["n_slices"], errors="coerce").fillna(0).astype(int)
+    mark(series["series_uid"].isna(), "unreadable (" + problem + ")")
+    mark(~modality.isin(["CT", ""]), "modality " + modality.astype(str))
+    if rule.get("require_complete", True):
+        mark(~series["complete"].fillna(False).astype(bool), "incomplete (" + problem + ")")
+    if rule.get("require_axial", True):
+        mark(orientation != "axial", orientation + ", not axial")
+    minimum = int(rule.get("min_slices", 0))
+    mark(n_slices < minimum, n_slices.astype(str) + f" slices < {minimum}")
+    mark(thickness.isna(), "slice thickness unknown")
+    limit = float(rule["max_thickness_mm"])
+    mark(thickness > limit + 1e-6, thickness.map(lambda t: f"{t:g}") + f" mm > {limit:g} mm")
+    return reason
 
 
-def _describe(series) -> str:
-    return f"{series['series_uid']} ({series.get('kernel') or 'no kernel'}, {series.get('slice_thickness_mm'):g} mm, " \
-           f"{series.get('n_slices')} slices)"
+def _describe(series: pd.DataFrame) -> pd.Series:
+    thickness = pd.to_numeric(series["slice_thickness_mm"], errors="coerce")
+    return (series["series_uid"].astype(str) + " (" + series["kernel"].fillna("").replace("", "no kernel").astype(str)
+            + ", " + thickness.map(lambda t: f"{t:g}") + " mm, " + series["n_slices"].astype(str) + " slices)")
+
+
+EXAM_COLUMNS = ["participant_id", "study_uid", "study_yr", "timepoint", "series_uid", "path", "kernel",
+                "slice_thickness_mm", "n_slices", "n_series", "selected", "reason"]
 
 
 def select_series(series: pd.DataFrame, rule: dict) -> pd.DataFrame:
@@ -226,45 +237,50 @@ def select_series(series: pd.DataFrame, rule: dict) -> pd.DataFrame:
     Eligible: CT, complete, axial, at least ``min_slices``, thickness <= ``max_thickness_mm``.
     Among those: a preferred (soft/standard) kernel first when ``kernel_first``, then the
     thinnest slices, then the most slices. The reason names the choice and each rejection.
+    Vectorised: 200,000 series take seconds.
     """
-    pattern = re.compile(rule["preferred_kernels"], re.IGNORECASE)
-    exams = []
     if series.empty:
-        return pd.DataFrame(columns=["participant_id", "study_uid", "study_yr", "timepoint", "series_uid", "path",
-                                     "kernel", "slice_thickness_mm", "n_slices", "n_series", "selected", "reason"])
-    keys = series["study_uid"].fillna(series["path"])
-    for _, group in series.groupby(keys, sort=True):
-        rejected, eligible = [], []
-        for _, s in group.iterrows():
-            why = _rejection(s, rule)
-            if why:
-                rejected.append(f"{s.get('series_uid') or s.get('path')}: {why}")
-            else:
-                eligible.append(s)
-        first = group.iloc[0]
-        exam = {"participant_id": first["participant_id"], "study_uid": first.get("study_uid"),
-                "study_yr": first.get("study_yr"), "timepoint": first.get("timepoint"),
-                "n_series": len(group)}
-        if eligible:
-            def rank(s):
-                soft = bool(pattern.match(str(s.get("kernel") or "").strip()))
-                thickness = float(s["slice_thickness_mm"])
-                key = (not soft, thickness) if rule.get("kernel_first", True) else (thickness, not soft)
-                return key + (-int(s["n_slices"]), str(s["series_uid"]))
-            eligible.sort(key=rank)
-            best = eligible[0]
-            soft = bool(pattern.match(str(best.get("kernel") or "").strip()))
-            reason = (f"chose {_describe(best)}: axial, complete, <= {rule['max_thickness_mm']:g} mm, "
-                      f"{'soft/standard kernel' if soft else 'no soft/standard kernel available'}")
-            others = [f"{_describe(s)}: ranked lower" for s in eligible[1:]]
-            exam.update(series_uid=best["series_uid"], path=best["path"], kernel=best.get("kernel"),
-                        slice_thickness_mm=best["slice_thickness_mm"], n_slices=best["n_slices"], selected=True,
-                        reason="; ".join([reason] + others + rejected))
-        else:
-            exam.update(series_uid=None, path=None, kernel=None, slice_thickness_mm=None, n_slices=None,
-                        selected=False, reason="no usable series: " + "; ".join(rejected))
-        exams.append(exam)
-    return pd.DataFrame(exams)
+        return pd.DataFrame(columns=EXAM_COLUMNS)
+    table = series.copy()
+    table["_exam"] = table["study_uid"].fillna(table["path"]).astype(str)
+    table["_why"] = _rejections(table, rule)
+    table["_eligible"] = table["_why"].isna()
+    table["_soft"] = table["kernel"].fillna("").astype(str).str.strip().str.match(rule["preferred_kernels"],
+                                                                                    case=False)
+    table["_thickness"] = pd.to_numeric(table["slice_thickness_mm"], errors="coerce")
+    table["_label"] = table["series_uid"].where(table["series_uid"].notna(), table["path"]).astype(str)
+    keys = ["_exam", "_eligible", "_soft", "_thickness"] if rule.get("kernel_first", True) else \
+        ["_exam", "_eligible", "_thickness", "_soft"]
+    order = table.sort_values(keys + ["n_slices", "_label"],
+                              ascending=[True, False] + ([False, True] if keys[2] == "_soft" else [True, False])
+                              + [False, True], kind="stable")
+    first = order.groupby("_exam", sort=True).head(1).set_index("_exam")
+    described = _describe(order)
+    ranked_lower = order["_eligible"] & ~order.index.isin(order.groupby("_exam").head(1).index)
+    notes = pd.Series("", index=order.index, dtype=object)
+    notes[ranked_lower] = described[ranked_lower] + ": ranked lower"
+    rejected = order["_why"].notna()
+    notes[rejected] = order.loc[rejected, "_label"] + ": " + order.loc[rejected, "_why"].astype(str)
+    joined = notes[notes != ""].groupby(order.loc[notes != "", "_exam"]).agg("; ".join)
+    counts = table.groupby("_exam").size()
+
+    exams = pd.DataFrame({
+        "participant_id": first["participant_id"], "study_uid": first["study_uid"],
+        "study_yr": first["study_yr"], "timepoint": first["timepoint"]})
+    chosen = first["_eligible"].astype(bool)
+    exams["series_uid"] = first["series_uid"].where(chosen, None)
+    exams["path"] = first["path"].where(chosen, None)
+    exams["kernel"] = first["kernel"].where(chosen, None)
+    exams["slice_thickness_mm"] = first["_thickness"].where(chosen)
+    exams["n_slices"] = first["n_slices"].where(chosen)
+    exams["n_series"] = counts.reindex(exams.index).to_numpy()
+    exams["selected"] = chosen
+    others = joined.reindex(exams.index).fillna("")
+    soft = first["_soft"].astype(bool)
+    head = ("chose " + _describe(first) + f": axial, complete, <= {float(rule['max_thickness_mm']):g} mm, "
+            + soft.map({True: "soft/standard kernel", False: "no soft/standard kernel available"}))
+    exams["reason"] = (head + ("; " + others).where(others != "", "")).where(chosen, "no usable series: " + others)
+    return exams.reset_index(drop=True)[EXAM_COLUMNS]
 
 
 def exams_to_cases(exams: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:

@@ -144,6 +144,10 @@ def join_to_cases(cases: pd.DataFrame, participants: pd.DataFrame | None = None,
         known = set(participants["participant_id"])
         for pid in sorted(set(cases["participant_id"]) - known):
             problems.append(f"participant {pid}: no row in prsn (phenotype missing)")
+        overlap = [c for c in participants.columns if c in cases.columns and c != "participant_id"]
+        if overlap:
+            problems.append(f"columns {overlap} of the case list replaced by the prsn table's")
+            cases = cases.drop(columns=overlap)
         cases = cases.merge(participants, on="participant_id", how="left")
     year = pd.to_numeric(cases.get("study_yr"), errors="coerce") if "study_yr" in cases else None
     if screens is not None and year is not None:
