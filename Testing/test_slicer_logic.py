@@ -286,10 +286,11 @@ def test_metrics_table_and_chart(scene, logic, registered, phantom_case):
     assert [r["region"] for r in rows] == ["right_upper", "right_middle", "right_lower", "left_upper",
                                             "left_lower", "lung", "image", "lung_intensity"]
     by_region = {r["region"]: r for r in rows}
-    # After: the exact inverse of how the patient was made, so only nearest-neighbour resampling
-    # twice separates the maps (Dice well above 0.9); before: a 5 % scale and ~12 mm shift apart.
+    # After: the exact inverse of how the patient was made (the patient grid is the atlas grid
+    # shifted by T, so the two nearest-neighbour resamplings land on voxel centres: measured 1.000);
+    # before: a 5 % scale and ~12 mm shift apart (measured 0.65-0.87).
     for region in ("right_upper", "left_lower", "lung"):
-        assert by_region[region]["dice_after"] > 0.9
+        assert by_region[region]["dice_after"] > 0.99
         assert by_region[region]["dice_after"] > by_region[region]["dice_before"] + 0.1
     assert by_region["lung_intensity"]["mse_after"] < by_region["lung_intensity"]["mse_before"]
     assert np.isnan(by_region["image"]["dice_after"])  # MSE rows carry no Dice
