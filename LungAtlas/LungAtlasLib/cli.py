@@ -15,6 +15,7 @@ import sys
 # subcommand name -> module (relative to this package) that implements it
 COMMAND_MODULES = {
     "demo": ".demo",
+    "segment": ".segmentation.cli",
     "index": ".cohort.commands.index",
     "run": ".cohort.commands.run",
     "status": ".cohort.commands.status",
