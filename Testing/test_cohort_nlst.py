@@ -44,8 +44,9 @@ def test_participants_phenotype_and_reported_codes(tables):
     # the duplicated 100005 is dropped and reported, the other four stay
     assert sorted(people.index) == ["100001", "100002", "100003", "100004"]
     assert any("100005 appears 2 times" in p for p in problems)
-    assert people.loc["100001", ["age", "gender", "cigsmok", "pkyr"]].tolist() == [61, "male", "current", 45.5]
-    assert people.loc["100002", "cigsmok"] == "former"
+    # CDAS codes kept as codes: gender 1 male, cigsmok 1 current / 0 former
+    assert people.loc["100001", ["age", "gender", "cigsmok", "pkyr"]].tolist() == [61, 1, 1, 45.5]
+    assert people.loc["100002", "cigsmok"] == 0
     # gender 3 is not an NLST code: missing, reported, not guessed
     assert pd.isna(people.loc["100003", "gender"])
     assert any("100003: unknown gender code 3" in p for p in problems)

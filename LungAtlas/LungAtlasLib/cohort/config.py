@@ -43,6 +43,8 @@ DEFAULT_CONFIG = {
     # otherwise one is built from `subset` segmented cases (first by case id).
     "template": {"path": None, "subset": 30, "options": {}},
     "metrics": {"hausdorff": True},
+    # cohort statistics (nodules/atlas_stats.py); recomputed from the case files on every run
+    "aggregate": {"bandwidth_mm": 10.0, "permutations": 199, "report": True},
     "series_rule": {
         "max_thickness_mm": 2.5,
         "require_axial": True,

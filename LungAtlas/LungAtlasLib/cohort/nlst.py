@@ -41,18 +41,21 @@ def _read(path: str | Path, required: tuple, table: str) -> pd.DataFrame:
 
 
 def _coded(frame: pd.DataFrame, column: str, codes: dict, table: str, problems: list) -> pd.Series:
+    """The column's CDAS codes (kept as codes, as the data dictionary defines them);
+    codes outside ``codes`` become missing and are reported."""
     values = pd.to_numeric(frame[column], errors="coerce")
     bad = frame[column].notna() & ~values.isin(list(codes))
     for pid, raw in zip(frame.loc[bad, "pid"], frame.loc[bad, column]):
         problems.append(f"{table}: participant {pid}: unknown {column} code {raw!r} (kept missing)")
     for pid in frame.loc[frame[column].isna(), "pid"]:
         problems.append(f"{table}: participant {pid}: {column} missing")
-    return values.where(values.isin(list(codes))).map(codes)
+    return values.where(values.isin(list(codes))).astype("Int64")
 
 
 def read_participants(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """Phenotype per participant: age (years), gender, cigsmok (former/current), pkyr
-    (pack-years), cancer flags and the lobes of a diagnosed cancer, one row per pid."""
+    """Phenotype per participant, one row per pid: age (years), gender (1 male, 2 female),
+    cigsmok (0 former, 1 current), pkyr (pack-years), cancer flags and the lobes of a
+    diagnosed cancer. Codes stay CDAS codes; unknown ones become missing and are reported."""
     problems: list[str] = []
     prsn = _read(path, PRSN_REQUIRED, "prsn")
     dup = prsn["pid"][prsn["pid"].duplicated(keep=False)]

@@ -325,7 +325,7 @@ def run_cohort(out, config: dict | None = None, *, retry_failed: bool = False, e
                                     retry_failed, on_case)
             ran["register"] = sum(1 for s, _ in results.values() if s == "ok")
     cohort = records.write_cohort_table(out, [c["case_id"] for c in cases])
-    aggregate_info = aggregate(out, cohort, template) if template else {}
+    aggregate_info = aggregate(out, cohort, template, config.get("aggregate")) if template else {}
     final = plan(out, config, cases, template["hash"] if template else None)
     done = int(sum(all(getattr(r, s) == "done" for s in cfgmod.CASE_STAGES) for r in final.itertuples()))
     failed = sorted(r.case_id for r in final.itertuples() if any(getattr(r, s) == "failed"
@@ -351,39 +351,52 @@ class _nullcontext:
 # ---------------------------------------------------------------------------
 # Aggregate
 # ---------------------------------------------------------------------------
-def aggregate(out, cohort: pd.DataFrame, template: dict) -> dict:
-    """Cohort-level results from the finished cases: all nodules in atlas space,
-    per-lobe counts and rates (volume-normalised), a nodule density map, and the
-    mean alignment. Rebuilt from the case files each run (cheap)."""
-    from ..io import read_label_map, write_image
-    from ..nodules.density import density_map
-    from ..nodules.lobes import lobe_rates, lobe_volumes_ml
-    from ..nodules.mapping import atlas_points
+def aggregate(out, cohort: pd.DataFrame, template: dict, options: dict | None = None) -> dict:
+    """Cohort-level results from the finished cases, rebuilt from their files each run:
+    all nodules in atlas space (``aggregate/nodules_in_atlas.csv``), the alignment
+    metrics of every case, and the nodule atlas of :mod:`..nodules.atlas_stats`
+    (density maps, per-lobe rates, phenotype comparisons, report) under ``aggregate/atlas``."""
+    from ..io import read_image, read_label_map
+    from ..nodules.atlas_stats import compute_atlas_statistics
 
+    options = {**cfgmod.DEFAULT_CONFIG["aggregate"], **(options or {})}
     folder = inside(out, "aggregate")
     folder.mkdir(parents=True, exist_ok=True)
-    tables = []
-    for case_id in cohort.loc[cohort["status"] == "done", "case_id"]:
-        record = records.read_record(out, case_id)
-        path = record["stages"]["nodules"]["outputs"]["table"]
-        table = pd.read_csv(path)
-        if len(table):
-            tables.append(table)
-    nodules = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["status", "atlas_lobe"])
-    nodules.to_csv(folder / "nodules_in_atlas.csv", index=False)
-    atlas_labels = read_label_map(template["labels"])
-    used = nodules[nodules["status"] == "ok"] if len(nodules) else nodules
-    rates = lobe_rates(used["atlas_lobe"].astype(int).to_numpy() if len(used) else [], lobe_volumes_ml(atlas_labels))
-    rates.to_csv(folder / "per_lobe.csv", index=False)
-    n_scans = int((cohort["status"] == "done").sum())
-    if len(used) and n_scans:
-        density = density_map(atlas_points(used), atlas_labels, atlas_labels > 0, n_scans=n_scans)
-        write_image(density, folder / "nodule_density.nii.gz")
     done = cohort[cohort["status"] == "done"]
-    info = {"nodules_mapped": int(len(used)), "nodules_total": int(len(nodules)),
+    nodule_tables, metric_tables = [], []
+    for case_id in done["case_id"]:
+        stages = records.read_record(out, case_id)["stages"]
+        table = pd.read_csv(stages["nodules"]["outputs"]["table"])
+        if len(table):
+            nodule_tables.append(table)
+        metric_tables.append(pd.read_csv(stages["metrics"]["outputs"]["table"]))
+    nodules = pd.concat(nodule_tables, ignore_index=True) if nodule_tables else pd.DataFrame()
+    nodules.to_csv(folder / "nodules_in_atlas.csv", index=False)
+    metrics = pd.concat(metric_tables, ignore_index=True).rename(columns={"when": "stage"}) if metric_tables \
+        else pd.DataFrame()
+    metrics.to_csv(folder / "alignment_metrics.csv", index=False)
+    info = {"nodules_total": int(len(nodules)),
+            "nodules_mapped": int((nodules["status"] == "ok").sum()) if len(nodules) else 0,
             "lung_dice_before_mean": _mean(done, "metrics_lung_dice_before"),
             "lung_dice_after_mean": _mean(done, "metrics_lung_dice_after"),
             "lobe_dice_after_mean": _mean(done, "metrics_lobe_dice_mean_after")}
+    if info["nodules_mapped"]:
+        # every finished scan counts (scans without nodules lower the density), with its phenotype
+        scans = pd.DataFrame({"case_id": done["case_id"].astype(str),
+                              "participant": done.get("participant_id", done["case_id"]).astype(str),
+                              "study_yr": done["study_yr"] if "study_yr" in done else None})
+        phenotype_columns = [c for c in ("gender", "age", "cigsmok", "pkyr", "can_scr", "cancer") if c in done]
+        phenotypes = None
+        if phenotype_columns:
+            phenotypes = done[phenotype_columns].copy()
+            phenotypes.insert(0, "participant", scans["participant"].to_numpy())
+            phenotypes = phenotypes.drop_duplicates("participant")
+        result = compute_atlas_statistics(
+            nodules, read_image(template["ct"]), read_label_map(template["labels"]), inside(folder, "atlas"),
+            scans=scans, phenotypes=phenotypes, metrics=metrics if len(metrics) else None,
+            bandwidth_mm=float(options["bandwidth_mm"]), n_permutations=int(options["permutations"]),
+            report=bool(options["report"]))
+        info["report"] = str(result.report) if result.report else None
     write_json_atomic(folder / "summary.json", info)
     return info
 

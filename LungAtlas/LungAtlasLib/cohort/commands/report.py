@@ -36,7 +36,8 @@ def run(args) -> int:
     elif templates:
         template = read_json(templates[-1])
     if template is not None and (table["status"] == "done").any():
-        summary = aggregate(out, table, template)
+        config = read_json(out / "run_config.json") if (out / "run_config.json").exists() else {}
+        summary = aggregate(out, table, template, config.get("aggregate"))
     done = int((table["status"] == "done").sum()) if len(table) else 0
     print(f"report {out}: cohort table of {len(table)} cases ({done} finished) in {out / 'cohort_table.csv'}"
           + (f"; aggregate in {out / 'aggregate'} ({summary.get('nodules_mapped')} nodules mapped)" if summary else ""))
