@@ -15,13 +15,13 @@ import sys
 # subcommand name -> module (relative to this package) that implements it
 COMMAND_MODULES = {
     "demo": ".demo",
+    "info": ".describe",
     "segment": ".segmentation.cli",
     "index": ".cohort.commands.index",
     "run": ".cohort.commands.run",
     "status": ".cohort.commands.status",
     "retry": ".cohort.commands.retry",
     "report": ".cohort.commands.report",
-    "atlas-stats": ".nodules.atlas_stats",
     "atlas-stats": ".nodules.atlas_stats",
 }
 
@@ -63,4 +63,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under "python -m" this file runs as __main__, a second copy of the module:
+    # call the package's own main so that UserError is the class the steps raise.
+    from LungAtlasLib.cli import main as package_main
+    sys.exit(package_main())
