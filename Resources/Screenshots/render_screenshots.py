@@ -72,8 +72,9 @@ def _slice_rgb(volume, overlay, axis, index, window=(-1000, 400), overlay_opacit
 
 
 def _image_actor(rgb, spacing_xy):
-    """A 2D image actor of an RGB slice (rows = first numpy axis), superior/anterior up."""
-    rgb = np.ascontiguousarray((np.flipud(rgb) * 255).astype(np.uint8))
+    """A 2D image actor of an RGB slice; VTK puts row 0 at the bottom, so the caller
+    orders rows bottom-up (inferior first for coronal, posterior first for axial)."""
+    rgb = np.ascontiguousarray((rgb * 255).astype(np.uint8))
     image = vtk.vtkImageData()
     image.SetDimensions(rgb.shape[1], rgb.shape[0], 1)
     image.SetSpacing(spacing_xy[0], spacing_xy[1], 1)
@@ -145,10 +146,11 @@ def render(path, title, volume, overlay=None, segmentation=None, points_ras=None
     spacing = volume.GetSpacing()
     k_index, j_index = slices or (array.shape[0] // 2, array.shape[1] // 2)
     panels = []
-    # coronal: fixed j (numpy axis 1) -> rows k (superior up after flip), columns i
+    # coronal: fixed j (numpy axis 1) -> rows k, inferior first (bottom), columns i
     coronal = _slice_rgb(volume, overlay, 1, j_index, overlay_opacity=overlay_opacity, label_colors=label_colors)
     panels.append((coronal, (spacing[0], spacing[2]), captions[1]))
     axial = _slice_rgb(volume, overlay, 0, k_index, overlay_opacity=overlay_opacity, label_colors=label_colors)
+    # axial rows are j (anterior first): flip so that posterior is at the bottom, anterior up
     panels.append((np.flipud(axial), (spacing[0], spacing[1]), captions[2]))
     for index, (rgb, spacing_xy, caption) in enumerate(panels):
         renderer = vtk.vtkRenderer()
