@@ -49,11 +49,12 @@ def splat_counts(points_lps, reference: sitk.Image, weights=None) -> tuple[np.nd
     base = np.minimum(np.floor(index).astype(np.int64), np.maximum(upper - 1, 0))
     frac = index - base
     strides = np.array([shape[1] * shape[2], shape[2], 1], np.int64)
+    flats, corner_weights = [], []
     for corner in range(8):
         offset = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
-        w = weights * np.prod(np.where(offset, frac, 1.0 - frac), axis=1)
-        flat = (np.minimum(base + offset, upper) * strides).sum(axis=1)
-        counts += np.bincount(flat, weights=w, minlength=counts.size)
+        corner_weights.append(weights * np.prod(np.where(offset, frac, 1.0 - frac), axis=1))
+        flats.append((np.minimum(base + offset, upper) * strides).sum(axis=1))
+    counts = np.bincount(np.concatenate(flats), weights=np.concatenate(corner_weights), minlength=counts.size)
     return counts.reshape(shape), int((~inside).sum())
 
 
@@ -65,13 +66,42 @@ def smooth(counts: np.ndarray, spacing_zyx, bandwidth_mm: float) -> np.ndarray:
     return ndimage.gaussian_filter(counts.astype(np.float32), sigma, mode="constant", truncate=3.5)
 
 
-def inverse_coverage(lung_mask: np.ndarray, spacing_zyx, bandwidth_mm: float) -> np.ndarray:
-    """1 / (share of a kernel centred at each voxel that falls inside the lungs); 1 where the
-    share is ~0 (far outside the lungs, where the masked map is zero anyway)."""
-    coverage = smooth(lung_mask.astype(np.float32), spacing_zyx, bandwidth_mm)
-    inverse = np.ones(coverage.shape, np.float32)
-    np.divide(1.0, coverage, out=inverse, where=coverage > 1e-3)
-    return inverse
+def coverage_at(lung_mask: np.ndarray, spacing_zyx, bandwidth_mm: float, flat_indices: np.ndarray) -> np.ndarray:
+    """Share of a Gaussian kernel centred at each given voxel (flat numpy indices) that falls
+    inside the lungs.
+
+    The coverage is smooth at the scale of the bandwidth, so when the kernel spans
+    several voxels it is computed on a grid ``f`` times coarser (f = bandwidth / (4 x
+    voxel size), block-averaged mask, kernel narrowed by the block's own blur) and
+    interpolated linearly at the voxels: on a 1 mm atlas with a 10 mm kernel this is 8x
+    less work and changes the coverage by under 1 % (a test checks it). Small kernels
+    use the full grid."""
+    flat_indices = np.asarray(flat_indices, np.int64)
+    factor = int(bandwidth_mm / (4.0 * max(spacing_zyx)))
+    if factor < 2:
+        coverage = smooth(lung_mask.astype(np.float32), spacing_zyx, bandwidth_mm)
+        return coverage.ravel()[flat_indices]
+    shape = np.array(lung_mask.shape)
+    padded_shape = -(-shape // factor) * factor
+    padded = np.zeros(tuple(padded_shape), np.float32)
+    padded[:shape[0], :shape[1], :shape[2]] = lung_mask
+    coarse = padded.reshape(padded_shape[0] // factor, factor, padded_shape[1] // factor, factor,
+                            padded_shape[2] // factor, factor).mean(axis=(1, 3, 5))
+    # block averaging already blurred by a box of variance (f^2 - 1) / 12 voxels^2: take it off the kernel
+    box_variance = (factor ** 2 - 1) / 12.0 * max(spacing_zyx) ** 2
+    coarse = smooth(coarse, [s * factor for s in spacing_zyx], float(np.sqrt(bandwidth_mm ** 2 - box_variance)))
+    fine = np.array(np.unravel_index(flat_indices, lung_mask.shape), float)
+    return ndimage.map_coordinates(coarse, (fine + 0.5) / factor - 0.5, order=1, mode="nearest")
+
+
+def correct_edges(counts: np.ndarray, lung_mask: np.ndarray, spacing_zyx, bandwidth_mm: float) -> np.ndarray:
+    """Counts divided by the kernel coverage at their voxel (see the module docstring); voxels
+    whose kernel barely touches the lungs (coverage < 0.1 %) are left as they are."""
+    occupied = np.flatnonzero(counts)
+    coverage = coverage_at(lung_mask, spacing_zyx, bandwidth_mm, occupied)
+    corrected = counts.astype(np.float64, copy=True).ravel()
+    corrected[occupied] /= np.where(coverage > 1e-3, coverage, 1.0)
+    return corrected.reshape(counts.shape)
 
 
 def density_array(counts: np.ndarray, reference: sitk.Image, bandwidth_mm: float, *, n_scans: float = 1.0,
@@ -81,11 +111,13 @@ def density_array(counts: np.ndarray, reference: sitk.Image, bandwidth_mm: float
     if lung_mask is not None:
         mask = lung_mask.astype(bool, copy=False)
         if edge_correction and bandwidth_mm > 0:
-            counts = counts * inverse_coverage(mask, spacing_zyx, bandwidth_mm)
-        density = np.where(mask, smooth(counts, spacing_zyx, bandwidth_mm), 0.0)
+            counts = correct_edges(counts, mask, spacing_zyx, bandwidth_mm)
+        density = smooth(counts, spacing_zyx, bandwidth_mm)
+        density[~mask] = 0.0
     else:
         density = smooth(counts, spacing_zyx, bandwidth_mm)
-    return (density / (voxel_volume_ml(reference) * max(float(n_scans), 1e-12))).astype(np.float32)
+    density /= voxel_volume_ml(reference) * max(float(n_scans), 1e-12)
+    return density
 
 
 def to_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:

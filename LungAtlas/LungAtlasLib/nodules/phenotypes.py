@@ -28,7 +28,7 @@ from scipy import stats
 
 from ..geometry import physical_to_index, voxel_volume_ml
 from ..labels import LABELS
-from .density import inverse_coverage, smooth
+from .density import coverage_at, smooth
 
 UNKNOWN = "unknown"
 AGE_BANDS = [(0, 55, "<55"), (55, 60, "55-59"), (60, 65, "60-64"), (65, 70, "65-69"), (70, 75, "70-74"),
@@ -161,8 +161,8 @@ class SplatCache:
         self.weight = np.concatenate(weights)
         self.scan = np.concatenate(owners).astype(np.int64)
 
-    def counts(self, scan_weights: np.ndarray) -> np.ndarray:
-        w = self.weight * scan_weights[self.scan]
+    def counts(self, scan_weights: np.ndarray, entry_scale=1.0) -> np.ndarray:
+        w = self.weight * scan_weights[self.scan] * entry_scale
         return np.bincount(self.flat, weights=w, minlength=int(np.prod(self.shape))).reshape(self.shape)
 
 
@@ -173,12 +173,14 @@ class GroupDensity:
     def __init__(self, cache: SplatCache, lung_mask: np.ndarray, bandwidth_mm: float):
         self.cache, self.mask, self.bandwidth = cache, lung_mask.astype(bool), float(bandwidth_mm)
         self.spacing_zyx = cache.reference.GetSpacing()[::-1]
-        self.inverse_coverage = inverse_coverage(self.mask, self.spacing_zyx, bandwidth_mm)
+        # edge correction per splat entry, computed once (density.correct_edges does the same per map)
+        coverage = coverage_at(self.mask, self.spacing_zyx, bandwidth_mm, cache.flat)
+        self.entry_scale = np.where(coverage > 1e-3, 1.0 / np.maximum(coverage, 1e-3), 1.0)
         self.voxel_ml = voxel_volume_ml(cache.reference)
 
     def map(self, scan_weights: np.ndarray) -> np.ndarray:
         """Density of sum_s w_s * (nodules of scan s); weights 1/n_group give a group mean."""
-        counts = self.cache.counts(scan_weights) * self.inverse_coverage
+        counts = self.cache.counts(scan_weights, self.entry_scale)
         return np.where(self.mask, smooth(counts, self.spacing_zyx, self.bandwidth), 0.0) / self.voxel_ml
 
 
