@@ -186,3 +186,22 @@ def test_nlst_tables_reach_the_nodule_stage(tmp_path, phantom_cohort):
     assert sorted(nlst_rows.index) == ["100001_T0-ab1", "100001_T0-ab2"]
     assert nlst_rows.loc["100001_T0-ab2", "status"] == "nlst_other_location"
     assert record["stages"]["nodules"]["summary"]["n_nodules"] == 2
+
+
+def test_unreachable_scheduler_and_escaping_case_ids(tmp_path, phantom_cohort):
+    from LungAtlasLib.cohort.executor import Executor, SchedulerUnreachable
+
+    # nothing listens on port 9 of this machine: one clear error naming the address
+    with pytest.raises(SchedulerUnreachable, match="tcp://127.0.0.1:9"):
+        with Executor(scheduler="tcp://127.0.0.1:9", connect_timeout="2s", progress=False):
+            pass
+    # a case id that tries to leave the run folder is written inside it
+    subject = phantom_cohort["subjects"].iloc[:1].assign(case_id="../../escaped")
+    manifest = tmp_path / "manifest.csv"
+    subject.to_csv(manifest, index=False)
+    out = tmp_path / "deep" / "run"
+    pipeline.index_cohort(out, manifest=manifest)
+    summary = pipeline.run_cohort(out, make_config(tmp_path, phantom_cohort["template"]), progress=False)
+    assert summary["done"] == 1
+    assert records.record_path(out, "../../escaped").parent.parent == (out / "cases").resolve()
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "deep" / "escaped").exists()

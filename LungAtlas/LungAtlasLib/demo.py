@@ -31,6 +31,8 @@ def add_arguments(parser) -> None:
                              "(the phantoms' truth lobes)")
     parser.add_argument("--registration", default="classical", help="registration backend (default classical)")
     parser.add_argument("--workers", type=int, default=1, help="local Dask worker processes (1 = in-process)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="module imported on every worker (registers extra backends)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -94,6 +96,7 @@ def run(args) -> int:
     manifest_path = inside(out, "demo_cohort", "manifest.csv")
     cases.to_csv(manifest_path, index=False)
     config = demo_config(out, manifest, args.segmenter, args.registration, args.workers)
+    config["plugins"] = list(args.plugin)
     try:
         pipeline.index_cohort(out, manifest=manifest_path, config=config)
         summary = pipeline.run_cohort(out, config, progress=not args.no_progress)

@@ -36,7 +36,8 @@ class Executor:
 
     def __init__(self, workers: int = 1, threads_per_worker: int = 1, memory_limit: str = "6GB",
                  scheduler: str | None = None, allowed_failures: int = 2, jobqueue: str | None = None,
-                 jobs: int = 1, gpu_resources: bool = False, progress: bool = True, **_ignored):
+                 jobs: int = 1, gpu_resources: bool = False, progress: bool = True, connect_timeout: str = "15s",
+                 **_ignored):
         self.workers = int(workers)
         self.threads_per_worker = int(threads_per_worker)
         self.memory_limit = memory_limit
@@ -46,6 +47,7 @@ class Executor:
         self.jobs = int(jobs)
         self.gpu_resources = bool(gpu_resources)
         self.progress = progress
+        self.connect_timeout = connect_timeout
         self.client = None
         self._stack = contextlib.ExitStack()
 
@@ -76,7 +78,7 @@ class Executor:
         }))
         if self.scheduler:
             try:
-                self.client = self._stack.enter_context(Client(self.scheduler, timeout="15s"))
+                self.client = self._stack.enter_context(Client(self.scheduler, timeout=self.connect_timeout))
             except (OSError, TimeoutError) as exc:
                 raise SchedulerUnreachable(
                     f"cannot reach the Dask scheduler at {self.scheduler} ({exc}); start it "

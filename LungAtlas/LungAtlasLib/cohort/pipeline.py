@@ -226,6 +226,13 @@ def ensure_template(out, config: dict, cases: list[dict], plan_table: pd.DataFra
 def _record_lost_case(out, case_id: str, stages: tuple, hashes: dict, exc: BaseException) -> None:
     """A task that ended without recording (its worker died, the task was cancelled):
     record the failure on the first unfinished stage so that `retry` picks it up."""
+    try:
+        _write_lost_case(out, case_id, stages, hashes, exc)
+    except OSError as write_error:  # e.g. a full disk: say so, keep the batch going
+        log.error("case %s failed (%s) and its record could not be written: %s", case_id, exc, write_error)
+
+
+def _write_lost_case(out, case_id, stages, hashes, exc) -> None:
     record = records.read_record(out, case_id)
     for stage in stages:
         if not records.stage_is_done(record, stage, hashes[stage]):
@@ -325,7 +332,15 @@ def run_cohort(out, config: dict | None = None, *, retry_failed: bool = False, e
                                     retry_failed, on_case)
             ran["register"] = sum(1 for s, _ in results.values() if s == "ok")
     cohort = records.write_cohort_table(out, [c["case_id"] for c in cases])
-    aggregate_info = aggregate(out, cohort, template, config.get("aggregate")) if template else {}
+    aggregate_info = {}
+    if template:
+        # the cases' results are safe on disk; a failing cohort statistic must not hide them
+        try:
+            aggregate_info = aggregate(out, cohort, template, config.get("aggregate"))
+        except Exception as exc:
+            log.error("aggregate failed (the case results are complete; `lungatlas report --out %s` "
+                      "retries it): %s", out, "".join(traceback.format_exception(exc)))
+            aggregate_info = {"aggregate_error": f"{type(exc).__name__}: {exc}"}
     final = plan(out, config, cases, template["hash"] if template else None)
     done = int(sum(all(getattr(r, s) == "done" for s in cfgmod.CASE_STAGES) for r in final.itertuples()))
     failed = sorted(r.case_id for r in final.itertuples() if any(getattr(r, s) == "failed"

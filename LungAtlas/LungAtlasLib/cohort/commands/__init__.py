@@ -125,8 +125,13 @@ def print_summary(summary: dict, out: Path) -> int:
         shown = ", ".join(summary["failed_cases"][:10])
         print(f"  failed: {shown}{' ...' if summary['failed'] > 10 else ''} "
               f"(`lungatlas status --out {out}` shows errors; `lungatlas retry --out {out}` reruns them)")
+    if summary.get("aggregate_error"):
+        print(f"  aggregate FAILED: {summary['aggregate_error']} (case results are complete; "
+              f"`lungatlas report --out {out}` retries it)")
+    elif summary.get("report"):
+        print(f"  report: {summary['report']}")
     print(f"  table: {out / 'cohort_table.csv'}")
-    return 1 if summary["failed"] else 0
+    return 1 if summary["failed"] or summary.get("aggregate_error") else 0
 
 
 def user_errors():
