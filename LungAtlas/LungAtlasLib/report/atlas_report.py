@@ -69,8 +69,10 @@ def write_atlas_report(out_dir, result, atlas_ct: sitk.Image, atlas_labels: sitk
 
     comparison_figures = []
     for column, a, b, contingency, test in comparisons:
+        chi = tables["phenotype_chi_square"].set_index("phenotype").loc[column, "p_value"]
         bars = figures.group_lobe_shares(contingency, fig_dir / f"lobes_{column}.png",
-                                         title=f"Lobe shares by {column.replace('_', ' ')}")
+                                         title=f"Lobe shares by {column.replace('_', ' ')} "
+                                               f"(chi-square p = {chi:.3g})")
         diff_image = sitk.GetImageFromArray(test["difference"])
         diff_image.CopyInformation(atlas_labels)
         diff = figures.density_views(diff_image, atlas_ct, fig_dir / f"difference_{column}.png",

@@ -158,7 +158,7 @@ def group_lobe_shares(contingency: pd.DataFrame, path, title: str) -> Path:
     x = np.arange(shares.shape[1])
     for g, (group, row) in enumerate(shares.iterrows()):
         n = int(contingency.loc[group].sum())
-        ax.bar(x + (g - (n_groups - 1) / 2) * width, row.to_numpy(), width, label=f"{group} (n={n})")
+        ax.bar(x + (g - (n_groups - 1) / 2) * width, row.to_numpy(), width, label=f"{group} ({n} nodules)")
     ax.set_xticks(x)
     ax.set_xticklabels([c.replace("_", " ") for c in shares.columns])
     ax.set_ylabel("% of the group's nodules")
