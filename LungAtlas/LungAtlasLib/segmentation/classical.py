@@ -83,15 +83,14 @@ def _ball(radius_vox_zyx) -> np.ndarray:
 
 
 def _largest_components(mask: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Label map of components and their sizes, sorted largest first (labels 1..n)."""
-    labelled, n = ndimage.label(mask)
-    if n == 0:
-        return labelled, np.zeros(0, int)
-    sizes = np.bincount(labelled.ravel())[1:]
-    order = np.argsort(sizes)[::-1][:count]
-    lut = np.zeros(n + 1, np.int32)
-    lut[order + 1] = np.arange(1, len(order) + 1)
-    return lut[labelled], sizes[order]
+    """Label map of the ``count`` largest 6-connected components, labelled 1..n largest
+    first (others 0), and their sizes in voxels."""
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    relabel = sitk.RelabelComponentImageFilter()   # sorts by size, largest = 1
+    labelled = sitk.GetArrayFromImage(relabel.Execute(sitk.ConnectedComponent(image, False)))
+    sizes = np.array(relabel.GetSizeOfObjectsInPixels()[:count], int)
+    labelled[labelled > count] = 0
+    return labelled, sizes
 
 
 def _body_mask(hu: np.ndarray) -> np.ndarray:
@@ -184,8 +183,24 @@ def segment_lungs(hu: np.ndarray, spacing_zyx, air_hu: float = AIR_HU,
                   closing_mm: float = CLOSING_MM) -> tuple[np.ndarray, dict]:
     """Sides label array (1 right, 2 left) from a CT array in LPS voxel order (z, y, x; HU)."""
     spacing_zyx = np.asarray(spacing_zyx, float)
-    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     body = _body_mask(hu)
+    # Everything after this happens inside the body's bounding box (the table and
+    # the outside air are often half of the image).
+    box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in _bbox(body))
+    sides = np.zeros(hu.shape, np.uint8)
+    sides[box], details = _segment_in_body(hu[box], body[box], spacing_zyx, air_hu, closing_mm)
+    if details["trachea_seed_zyx"] is not None:
+        details["trachea_seed_zyx"] = [int(v + b.start) for v, b in zip(details["trachea_seed_zyx"], box)]
+    return sides, details
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
+    return tuple(slice(int(v[0]), int(v[-1]) + 1) for v in
+                 (np.flatnonzero(mask.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1))))
+
+
+def _segment_in_body(hu, body, spacing_zyx, air_hu, closing_mm) -> tuple[np.ndarray, dict]:
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     air = (hu < air_hu) & body
     details: dict = {}
     seed = _trachea_seed(air, body, spacing_zyx)

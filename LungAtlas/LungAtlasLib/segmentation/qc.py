@@ -87,8 +87,17 @@ def quality_control(labels: sitk.Image, ct: sitk.Image | None = None, kind: str 
         midline_x = float(canonical.TransformContinuousIndexToPhysicalPoint(
             ((xs[0] + xs[-1]) / 2.0, 0.0, 0.0))[0])
 
+    # Work inside the lung's bounding box: QC runs on every case, at native resolution too.
+    if lung.any():
+        box = tuple(slice(int(v[0]), int(v[-1]) + 1) for v in
+                    (np.flatnonzero(lung.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1))))
+    else:
+        box = tuple(slice(0, 0) for _ in range(3))
+    sub = np.asarray(array[box])
+    offset_xyz = np.array([box[2].start, box[1].start, box[0].start], float)
+
     for value, name, side in _regions(kind):
-        mask = array == value
+        mask = sub == value
         volume = float(mask.sum()) * voxel_ml
         volumes[name] = round(volume, 1)
         present = volume >= MIN_REGION_ML
@@ -108,7 +117,7 @@ def quality_control(labels: sitk.Image, ct: sitk.Image | None = None, kind: str 
               + ("" if ok else f", {fragments_ml:.1f} mL in fragments apart from it"),
               region=name, components=int(n), dominant_fraction=round(fraction, 4),
               fragments_ml=round(fragments_ml, 2))
-        centre_index = np.array(ndimage.center_of_mass(mask))[::-1]  # x, y, z index
+        centre_index = np.array([axis.mean() for axis in np.nonzero(mask)])[::-1] + offset_xyz  # x, y, z index
         centre_x = float(canonical.TransformContinuousIndexToPhysicalPoint(tuple(centre_index))[0])
         on_left = centre_x > midline_x
         ok = on_left == (side == "left")
