@@ -137,3 +137,28 @@ def test_mask_warp_is_nearest_neighbour_and_follows_the_transform():
     array = sitk.GetArrayFromImage(warped)
     assert set(np.unique(array)) == {0, 3}  # labels stay labels
     assert np.argwhere(array == 3)[:, 2].min() == 3 and array.sum() == mask.sum()
+
+
+@pytest.mark.slow
+def test_nodules_through_a_real_stored_registration_land_near_their_truth(phantom_atlas, phantom_subject, tmp_path):
+    # the registration engineer's classical backend (ANTs, lung-shape driven) at 4 mm, the result
+    # stored and read back as the cohort engine does: moving_to_fixed carries the nodules
+    from LungAtlasLib.registration import transforms as registration
+    from LungAtlasLib.registration.base import get_registration
+
+    result = get_registration("classical", spacing_mm=4.0, threads=1).register(
+        phantom_atlas.ct, phantom_subject.ct, fixed_labels=phantom_atlas.labels, moving_labels=phantom_subject.labels)
+    registration.save_result(result, tmp_path)
+    stored = registration.load_result(tmp_path)
+    rows = [{"nodule_id": n.nodule_id, "case_id": "c", "participant": "p", "study_yr": 0, "status": "ok",
+             "x_lps": n.centre_patient_lps[0], "y_lps": n.centre_patient_lps[1], "z_lps": n.centre_patient_lps[2]}
+            for n in phantom_subject.nodules]
+    mapped = mapping.map_nodules(inputs._finish(rows), {"c": stored.moving_to_fixed}, phantom_atlas.labels)
+    truth = np.array([n.centre_atlas_lps for n in phantom_subject.nodules])
+    patient = np.array([n.centre_patient_lps for n in phantom_subject.nodules])
+    error = np.linalg.norm(mapped[["atlas_x_lps", "atlas_y_lps", "atlas_z_lps"]].to_numpy(float) - truth, axis=1)
+    unregistered = np.linalg.norm(patient - truth, axis=1)
+    # measured here: median 4.3 mm over 8 phantom nodules against 21 mm unregistered (4 mm grids); the wrong
+    # direction or no registration would leave errors near the unregistered ones
+    assert np.median(error) < 6.0 and np.median(error) < 0.4 * np.median(unregistered)
+    assert mapped["atlas_lobe"].tolist() == [n.lobe for n in phantom_subject.nodules]

@@ -140,6 +140,8 @@ def compute_atlas_statistics(mapped: pd.DataFrame, atlas_ct: sitk.Image, atlas_l
     all_map = density_mod.density_map(points, atlas_labels, lung, bandwidth_mm, n_scans=n_scans)
     result.maps["all"] = write_image(all_map, maps_dir / "nodule_density_all.nii.gz")
     summary = [{"quantity": "scans", "value": n_scans},
+               {"quantity": "scans with nodules but missing from the scan list",
+                "value": int(scans_all["added_from_nodule_table"].sum())},
                {"quantity": "participants", "value": scans_all["participant"].nunique()},
                {"quantity": "nodules in input", "value": len(mapped)},
                {"quantity": "nodules used", "value": len(used)},
@@ -238,9 +240,13 @@ def run(args) -> int:
     if not needed <= set(mapped.columns):
         raise UserError(f"nodule table {args.nodules}: missing columns {sorted(needed - set(mapped.columns))}; "
                         "map the nodules first (nodules.mapping.map_nodules)")
+    scans = read_table(args.scans) if args.scans else None
+    if scans is not None and not {"case_id", "participant"} <= set(scans.columns):
+        raise UserError(f"scan table {args.scans}: needs columns case_id and participant (and study_yr); "
+                        f"it has {list(scans.columns)}")
     result = compute_atlas_statistics(
         mapped, read_image(ct_path), read_label_map(labels_path), Path(args.out).resolve(),
-        scans=read_table(args.scans) if args.scans else None,
+        scans=scans,
         phenotypes=read_table(args.phenotypes) if args.phenotypes else None,
         metrics=read_table(args.metrics) if args.metrics else None,
         bandwidth_mm=args.bandwidth, n_permutations=args.permutations, match_distance_mm=args.match_distance)

@@ -88,10 +88,17 @@ def scan_table(nodules: pd.DataFrame, scans: pd.DataFrame | None = None,
                phenotypes: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per scan (``case_id``, ``participant``, ``study_yr``, ``screen_year`` and the
     phenotype groups). ``scans`` lists every scan, those without nodules included; without
-    it the scans are those named in the nodule table."""
+    it the scans are those named in the nodule table. Scans named in the nodule table
+    but missing from ``scans`` are added (``added_from_nodule_table`` True)."""
     if scans is None:
         scans = nodules[["case_id", "participant", "study_yr"]].drop_duplicates("case_id")
     scans = scans.copy()
+    # a nodule's scan missing from the scan list still counts as a scan (reported in the flag)
+    missing = nodules[~nodules["case_id"].isin(scans["case_id"])][["case_id", "participant", "study_yr"]]
+    scans["added_from_nodule_table"] = False
+    if len(missing):
+        missing = missing.drop_duplicates("case_id").assign(added_from_nodule_table=True)
+        scans = pd.concat([scans, missing], ignore_index=True)
     scans["participant"] = scans["participant"].astype(str)
     scans["screen_year"] = [screen_year_label(v) for v in scans.get("study_yr", pd.Series([None] * len(scans)))]
     if phenotypes is not None:
