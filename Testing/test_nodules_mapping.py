@@ -108,11 +108,21 @@ def test_bad_nodules_are_reported_not_dropped(phantom_atlas):
          "z_lps": 900.0, "status": "ok"},  # outside the atlas image
         {"nodule_id": "f", "case_id": "c3", "participant": "r", "study_yr": 0, "x_lps": np.nan, "y_lps": 0.0,
          "z_lps": 0.0, "status": "nlst_no_slice"},  # already excluded upstream: stays so
+        {"nodule_id": "g", "case_id": "c3", "participant": "r", "study_yr": 0, "x_lps": -70.0, "y_lps": 0.0,
+         "z_lps": -400.0, "status": "ok"},  # beyond the patient's CT (a typo in a table, say)
+        {"nodule_id": "h", "case_id": "c4", "participant": "s", "study_yr": 0, "x_lps": -70.0, "y_lps": 0.0,
+         "z_lps": 20.0, "status": "ok"},   # a transform that throws it out of the atlas grid
     ])
-    mapped = mapping.map_nodules(table, {"c1": identity_field, "c3": sitk.Transform()}, labels)
+    patient_ct = sitk.Image([100, 100, 100], sitk.sitkInt16)
+    patient_ct.SetSpacing((4.0, 4.0, 4.0))
+    patient_ct.SetOrigin((-200.0, -200.0, -200.0))  # covers -200 .. 196 mm (+- half a voxel)
+    far = sitk.TranslationTransform(3, (0.0, 0.0, 800.0))
+    mapped = mapping.map_nodules(table, {"c1": identity_field, "c3": sitk.Transform(), "c4": far}, labels,
+                                 patient_images={"c3": patient_ct})
     status = mapped.set_index("nodule_id")["status"].to_dict()
     assert status == {"a": "ok", "b": "outside_transform_domain", "c": "no_registration", "d": "outside_atlas_lung",
-                      "e": "outside_atlas_image", "f": "nlst_no_slice"}
+                      "e": "outside_patient_image", "f": "nlst_no_slice", "g": "outside_patient_image",
+                      "h": "outside_atlas_image"}
     assert mapped.set_index("nodule_id").loc["a", "atlas_lobe"] in (1, 2, 3)  # right lung
     assert len(mapped) == len(table)
 

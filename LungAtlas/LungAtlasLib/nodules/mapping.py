@@ -116,16 +116,28 @@ class AtlasLobeLookup:
         return lobes, status
 
 
+def inside_image(points_lps, image: sitk.Image, margin_voxels: float = 0.5) -> np.ndarray:
+    """True for LPS points within ``image``'s field of view (voxel centres +- half a voxel)."""
+    points = np.atleast_2d(np.asarray(points_lps, float))
+    if len(points) == 0:
+        return np.zeros(0, bool)
+    index = physical_to_index(image, points)
+    upper = np.array(image.GetSize()[::-1]) - 1
+    return np.isfinite(index).all(axis=1) & np.all((index >= -margin_voxels) & (index <= upper + margin_voxels),
+                                                   axis=1)
+
+
 def map_nodules(nodules: pd.DataFrame, transforms: dict, atlas_labels: sitk.Image, *,
-                lung_margin_mm: float = DEFAULT_LUNG_MARGIN_MM) -> pd.DataFrame:
+                lung_margin_mm: float = DEFAULT_LUNG_MARGIN_MM, patient_images: dict | None = None) -> pd.DataFrame:
     """Map a nodule table (:mod:`.inputs` format) into the atlas.
 
     ``transforms``: case_id -> patient-to-atlas point transform (moving_to_fixed).
     Adds ``atlas_x_lps, atlas_y_lps, atlas_z_lps`` (mm) and ``atlas_lobe`` (label
     table value at the mapped point; nearest lobe within ``lung_margin_mm``; the
     lobe recorded by the reader, e.g. NLST's, stays in ``recorded_lobe``) and
-    updates ``status`` of usable rows to ``no_registration``,
-    ``outside_transform_domain``, ``outside_atlas_image`` or ``outside_atlas_lung``
+    updates ``status`` of usable rows to ``no_registration``, ``outside_patient_image``
+    (when ``patient_images``, case_id -> the scan's CT or any image on its grid, is
+    given), ``outside_transform_domain``, ``outside_atlas_image`` or ``outside_atlas_lung``
     when they apply. Every row is kept: participant, screen year, size and
     attenuation travel along.
     """
@@ -143,11 +155,17 @@ def map_nodules(nodules: pd.DataFrame, transforms: dict, atlas_labels: sitk.Imag
             out.loc[rows.index, "status"] = "no_registration"
             out.loc[rows.index, "note"] = f"no patient-to-atlas transform for case {case_id}"
             continue
-        mapped, inside = map_points(rows[["x_lps", "y_lps", "z_lps"]].to_numpy(float), transform)
+        points = rows[["x_lps", "y_lps", "z_lps"]].to_numpy(float)
+        mapped, inside = map_points(points, transform)
+        in_patient = np.ones(len(points), bool)
+        if patient_images is not None and patient_images.get(case_id) is not None:
+            in_patient = inside_image(points, patient_images[case_id])
+        mapped[~in_patient] = np.nan
         out.loc[rows.index, ["atlas_x_lps", "atlas_y_lps", "atlas_z_lps"]] = mapped
         lobes, status = lookup.lookup(mapped)
         status[~inside] = "outside_transform_domain"
-        lobes[~inside] = 0
+        status[~in_patient] = "outside_patient_image"
+        lobes[~inside | ~in_patient] = 0
         out.loc[rows.index, "atlas_lobe"] = lobes
         out.loc[rows.index, "status"] = status
     out["atlas_lobe"] = out["atlas_lobe"].astype(int)
