@@ -35,14 +35,18 @@ def _flatten(transform: sitk.Transform) -> list[sitk.Transform]:
 
 
 def _field_bounds(transform: sitk.Transform):
-    """(lower, upper) LPS corners of a displacement field's voxel centres, or None."""
+    """(lower, upper) LPS corners of a displacement field's voxel centres, or None.
+
+    Read from the transform's fixed parameters (size, origin, spacing, direction),
+    not from a copy of the field, which can be hundreds of MB at 1 mm."""
     if transform.GetName() != "DisplacementFieldTransform":
         return None
-    field = sitk.DisplacementFieldTransform(transform).GetDisplacementField()
-    corners = np.array([[i, j, k] for i in (0, field.GetSize()[0] - 1) for j in (0, field.GetSize()[1] - 1)
-                        for k in (0, field.GetSize()[2] - 1)], float)
-    physical = np.array([field.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
-    tolerance = 1e-3 * min(field.GetSpacing())
+    fixed = np.array(transform.GetFixedParameters(), float)
+    size, origin, spacing = fixed[0:3], fixed[3:6], fixed[6:9]
+    direction = fixed[9:18].reshape(3, 3)
+    corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
+    physical = origin + (corners * spacing) @ direction.T
+    tolerance = 1e-3 * spacing.min()
     return physical.min(axis=0) - tolerance, physical.max(axis=0) + tolerance
 
 
