@@ -7,7 +7,6 @@ expected output is exact.
 """
 from __future__ import annotations
 
-import datetime
 import gzip
 
 import numpy as np
