@@ -138,6 +138,8 @@ def test_segment_name_matching():
     assert match_region("Upper lobe of lung Left") == ("lobes", 4)
     assert match_region("left lung") == ("sides", 2)
     assert match_region("lung_vessels left") is None
+    assert match_region("left upper lobe bronchus") is None
+    assert match_region("Right lung nodule") is None
     assert match_region("left middle lobe") is None     # no such lobe
     assert match_region("liver") is None
 

@@ -65,16 +65,23 @@ def parse_code_map(spec) -> dict[int, int] | str | None:
                                 "like '10:4,11:5,12:1,13:2,14:3' (source code: LungAtlas value)") from None
 
 
+# Structures named after a lobe or lung that are not its parenchyma ("left upper lobe
+# bronchus", "lung_vessels", "right lung nodule").
+_NOT_PARENCHYMA = {"bronchus", "bronchi", "bronchial", "vessel", "vessels", "artery", "arteries", "vein", "veins",
+                   "nodule", "nodules", "tumor", "tumour", "lesion", "mass", "effusion", "airway", "airways",
+                   "trachea", "fissure"}
+
+
 def match_region(text: str) -> tuple[str, int] | None:
     """("lobes", 1-5) or ("sides", 1 right / 2 left) for a segment name or coded meaning; None otherwise."""
     words = set(re.sub(r"[^a-z]+", " ", str(text).lower().replace("_", " ")).split())
     sides = words & {"left", "right"}
-    if len(sides) != 1 or not ({"lung", "lobe"} & words):
+    if len(sides) != 1 or not ({"lung", "lobe"} & words) or words & _NOT_PARENCHYMA:
         return None
     side = sides.pop()
     levels = words & {"upper", "middle", "lower", "superior", "inferior"}
     if not levels:
-        if "lung" in words and not words & {"vessel", "vessels", "nodule", "nodules", "artery", "vein", "lingula"}:
+        if "lung" in words and "lingula" not in words:
             return "sides", (LABELS.right_lung.value if side == "right" else LABELS.left_lung.value)
         return None
     if len(levels) != 1:
