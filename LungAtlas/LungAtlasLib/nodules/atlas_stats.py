@@ -187,7 +187,8 @@ def compute_atlas_statistics(mapped: pd.DataFrame, atlas_ct: sitk.Image, atlas_l
             maps_dir / f"nodule_density_pfwe_{column}_{safe_name(a)}_vs_{safe_name(b)}.nii.gz")
         perm_rows.append({"phenotype": column, "group_a": a, "group_b": b, "scans_a": test["n_a"],
                           "scans_b": test["n_b"], "max_abs_difference": test["max_abs_difference"],
-                          "fwe_threshold_05": test["fwe_threshold_05"], "p_fwe_global": test["p_global"],
+                          "max_abs_statistic": test["max_abs_statistic"],
+                          "statistic_fwe_threshold_05": test["fwe_threshold_05"], "p_fwe_global": test["p_global"],
                           "n_permutations": n_permutations,
                           "permuted_unit": "scan" if column == "screen_year" else "participant"})
         comparison_figures.append((column, a, b, contingency, test))
