@@ -40,7 +40,9 @@ AIR_HU = -250.0
 TRACHEA_AREA_MM2 = (100.0, 900.0)   # trachea cross-section: ~12-30 mm diameter
 TRACHEA_MIDLINE_MM = 40.0           # trachea centre within this distance of the body's midline
 MIN_LUNG_FRACTION = 0.15            # a lung component holds at least this fraction of the largest one
-AIRWAY_THRESHOLDS_HU = (-990.0, -975.0, -960.0, -950.0, -940.0, -930.0, -920.0, -910.0, -900.0)
+AIRWAY_THRESHOLDS_HU = (-990.0, -975.0, -960.0, -950.0, -940.0, -930.0, -920.0, -910.0, -900.0,
+                        -880.0, -860.0, -840.0, -820.0, -800.0)  # partial volume at coarse spacing
+TRACHEA_MIN_LENGTH_MM = 30.0         # the seed's air must continue downwards this far
 AIRWAY_LEAK_ML = 250.0              # an airway tree larger than this has leaked into the lung
 CLOSING_MM = 4.0                    # vessels thinner than ~2x this are filled back into the lung
 
@@ -138,8 +140,20 @@ def _trachea_seed(air: np.ndarray, body: np.ndarray, spacing_zyx) -> tuple[int, 
             iy, ix = int(round(cy)), int(round(cx))
             if not region[iy, ix]:
                 iy, ix = ys[len(ys) // 2], xs[len(xs) // 2]
+            if not _continues_downwards(air, k, iy, ix, spacing_zyx):
+                continue  # an air pocket (oesophagus, neck), not the trachea's tube
             return k, iy, ix
     return None
+
+
+def _continues_downwards(air: np.ndarray, k: int, iy: int, ix: int, spacing_zyx,
+                         length_mm: float = TRACHEA_MIN_LENGTH_MM) -> bool:
+    """The trachea is a vertical tube: air near (iy, ix) in most slices of the next
+    ``length_mm`` below slice k (LPS: lower index = inferior)."""
+    n = max(2, int(round(length_mm / spacing_zyx[0])))
+    reach = max(1, int(round(5.0 / spacing_zyx[1])))  # the tube may drift ~5 mm sideways
+    below = air[max(0, k - n):k, max(0, iy - reach):iy + reach + 1, max(0, ix - reach):ix + reach + 1]
+    return len(below) >= 2 and below.any(axis=(1, 2)).mean() >= 0.8
 
 
 def _airway_mask(hu: np.ndarray, air: np.ndarray, seed, spacing_zyx) -> tuple[np.ndarray, float | None]:
