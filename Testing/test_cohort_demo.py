@@ -11,7 +11,7 @@ from LungAtlasLib.registration.base import BACKENDS as REGISTRATIONS
 def test_demo_runs_every_stage_and_resumes_without_recomputing(tmp_path, capsys):
     import cohort_backends  # noqa: F401 (registers the test registration here as well)
 
-    # the product's classical registration when it exists; the test stand-in until then
+    # the product's classical registration (on an 8 mm grid) when it exists; the test stand-in until then
     registration = "classical" if "classical" in REGISTRATIONS else "test-centroid"
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--subjects", "2", "--spacing", "8", "--segmenter", "precomputed",

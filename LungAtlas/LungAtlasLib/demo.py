@@ -30,6 +30,8 @@ def add_arguments(parser) -> None:
                         help="segmentation backend: classical (lungs, computed; default) or precomputed "
                              "(the phantoms' truth lobes)")
     parser.add_argument("--registration", default="classical", help="registration backend (default classical)")
+    parser.add_argument("--registration-spacing", type=float, default=8.0,
+                        help="grid spacing (mm) of the classical registration (default 8: a demo, not a study)")
     parser.add_argument("--workers", type=int, default=1, help="local Dask worker processes (1 = in-process)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="module imported on every worker (registers extra backends)")
@@ -63,7 +65,8 @@ def ensure_demo_cohort(out: Path, n_subjects: int, spacing_mm: float, first_seed
     return manifest
 
 
-def demo_config(out: Path, manifest: pd.DataFrame, segmenter: str, registration: str, workers: int) -> dict:
+def demo_config(out: Path, manifest: pd.DataFrame, segmenter: str, registration: str, workers: int,
+                registration_spacing: float = 8.0) -> dict:
     """The cohort configuration of the demo: the canonical phantom is the template."""
     from .cohort.config import default_config, merge
 
@@ -76,9 +79,10 @@ def demo_config(out: Path, manifest: pd.DataFrame, segmenter: str, registration:
     segmentation = {"name": segmenter, "options": {}}
     if segmenter == "precomputed":
         segmentation["options"] = {"path": "{labels}", "code_map": "lungatlas"}
+    registration_options = {"spacing_mm": float(registration_spacing)} if registration == "classical" else {}
     return merge(default_config(), {
         "segmentation": segmentation,
-        "registration": {"name": registration, "options": {}},
+        "registration": {"name": registration, "options": registration_options},
         "template": {"path": str(template)},
         "execution": {"workers": workers, "memory_limit": "3GB"},
     })
@@ -95,7 +99,7 @@ def run(args) -> int:
     cases = manifest[~manifest.is_atlas].drop(columns="is_atlas")
     manifest_path = inside(out, "demo_cohort", "manifest.csv")
     cases.to_csv(manifest_path, index=False)
-    config = demo_config(out, manifest, args.segmenter, args.registration, args.workers)
+    config = demo_config(out, manifest, args.segmenter, args.registration, args.workers, args.registration_spacing)
     config["plugins"] = list(args.plugin)
     try:
         pipeline.index_cohort(out, manifest=manifest_path, config=config)

@@ -76,6 +76,11 @@ class Executor:
             "distributed.scheduler.work-stealing": True,
             "distributed.worker.daemon": False,
         }))
+        if not self.scheduler and not self.jobqueue:
+            # A model stage can hold the GIL for minutes (ITK, ANTs, torch on CPU), which stops
+            # the worker's heartbeats; locally, a dead worker process is noticed by its nanny
+            # anyway, so heartbeat expiry would only cancel healthy long cases.
+            self._stack.enter_context(dask.config.set({"distributed.scheduler.worker-ttl": None}))
         if self.scheduler:
             try:
                 self.client = self._stack.enter_context(Client(self.scheduler, timeout=self.connect_timeout))

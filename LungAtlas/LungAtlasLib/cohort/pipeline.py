@@ -276,6 +276,25 @@ def _run_phase(out, config, cases_by_id, plan_table, stages, template, executor,
     return results, skipped_failed
 
 
+def check_backends(config: dict) -> None:
+    """Refuse to start (one clear error, not one failure per case) when a configured
+    backend name is unknown here; the backends' own readiness checks run on the workers."""
+    from ..registration.base import BACKENDS as REGISTRATIONS
+    from ..segmentation.base import BACKENDS as SEGMENTERS
+    from .stages import load_plugins
+
+    try:
+        load_plugins(config)
+    except ImportError as exc:
+        raise CohortError(f"plugin module cannot be imported: {exc}") from None
+    for kind, registry, key in (("segmentation", SEGMENTERS, "segmentation"),
+                                ("registration", REGISTRATIONS, "registration")):
+        name = config[key]["name"]
+        if name not in registry:
+            raise CohortError(f"unknown {kind} backend {name!r}; available here: {sorted(registry) or 'none'} "
+                              "(a plugin module can register more: --plugin MODULE)")
+
+
 _CASE_LISTENERS: list = []
 
 
@@ -308,6 +327,7 @@ def run_cohort(out, config: dict | None = None, *, retry_failed: bool = False, e
     config = cfgmod.merge(cfgmod.default_config(), config) if config is not None else stored
     if config is None:
         raise CohortError(f"{out} has no run configuration: run `lungatlas run --out {out} ...` first")
+    check_backends(config)
     cfgmod.save_run_config(out, config)
     cases = load_cases(out)
     if not cases:
