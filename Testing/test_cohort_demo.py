@@ -26,6 +26,9 @@ def test_demo_runs_every_stage_and_resumes_without_recomputing(tmp_path, capsys)
     assert record["stages"]["metrics"]["summary"]["lobe_dice_mean_after"] is not None
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cases").rglob("*") if p.is_file()}
 
+    summary = out / "aggregate" / "summary.json"
+    summary_stamp = summary.stat().st_mtime_ns
     assert cli.main(argv) == 0
     assert "ran now: 0 segmentations, 0 registrations" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "a second demo run rewrote finished case files"
+    assert summary.stat().st_mtime_ns == summary_stamp, "the unchanged aggregate was recomputed"

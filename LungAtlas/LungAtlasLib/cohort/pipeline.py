@@ -387,10 +387,12 @@ class _nullcontext:
 # Aggregate
 # ---------------------------------------------------------------------------
 def aggregate(out, cohort: pd.DataFrame, template: dict, options: dict | None = None) -> dict:
-    """Cohort-level results from the finished cases, rebuilt from their files each run:
-    all nodules in atlas space (``aggregate/nodules_in_atlas.csv``), the alignment
-    metrics of every case, and the nodule atlas of :mod:`..nodules.atlas_stats`
-    (density maps, per-lobe rates, phenotype comparisons, report) under ``aggregate/atlas``."""
+    """Cohort-level results from the finished cases: all nodules in atlas space
+    (``aggregate/nodules_in_atlas.csv``), the alignment metrics of every case, and the
+    nodule atlas of :mod:`..nodules.atlas_stats` (density maps, per-lobe rates, phenotype
+    comparisons, report) under ``aggregate/atlas``. Skipped when its inputs (the finished
+    cases' stage hashes, their phenotypes, the template, the options) are those of the
+    last aggregate, so a resumed run recomputes nothing."""
     from ..io import read_image, read_label_map
     from ..nodules.atlas_stats import compute_atlas_statistics
 
@@ -398,6 +400,19 @@ def aggregate(out, cohort: pd.DataFrame, template: dict, options: dict | None = 
     folder = inside(out, "aggregate")
     folder.mkdir(parents=True, exist_ok=True)
     done = cohort[cohort["status"] == "done"]
+    inputs = []
+    for case_id in done["case_id"]:
+        stages = records.read_record(out, case_id)["stages"]
+        inputs.append((case_id, stages["metrics"]["hash"], stages["nodules"]["hash"]))
+    phenotype = done.drop(columns=[c for c in done.columns if c.split("_")[0] in cfgmod.CASE_STAGES], errors="ignore")
+    aggregate_hash = cfgmod.digest("aggregate", inputs, phenotype.to_json(), template.get("hash", template.get("ct")),
+                                   options, cfgmod.stage_versions("metrics"))
+    summary_path = folder / "summary.json"
+    if summary_path.exists():
+        previous = read_json(summary_path)
+        if previous.get("hash") == aggregate_hash and (not previous.get("report") or Path(previous["report"]).exists()):
+            log.info("aggregate: unchanged since the last run, kept")
+            return {k: v for k, v in previous.items() if k != "hash"}
     nodule_tables, metric_tables = [], []
     for case_id in done["case_id"]:
         stages = records.read_record(out, case_id)["stages"]
@@ -432,7 +447,7 @@ def aggregate(out, cohort: pd.DataFrame, template: dict, options: dict | None = 
             bandwidth_mm=float(options["bandwidth_mm"]), n_permutations=int(options["permutations"]),
             report=bool(options["report"]))
         info["report"] = str(result.report) if result.report else None
-    write_json_atomic(folder / "summary.json", info)
+    write_json_atomic(summary_path, {**info, "hash": aggregate_hash})
     return info
 
 
