@@ -205,3 +205,24 @@ def test_unreachable_scheduler_and_escaping_case_ids(tmp_path, phantom_cohort):
     assert summary["done"] == 1
     assert records.record_path(out, "../../escaped").parent.parent == (out / "cases").resolve()
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "deep" / "escaped").exists()
+
+
+@pytest.mark.realdata
+def test_dicom_tree_run_indexes_once(tmp_path, phantom_cohort, lung1_dicom, capsys):
+    """`lungatlas run --dicom TREE` indexes, chooses the series (3 mm allowed by the config
+    file here), runs; run again: the tree is not read again, nothing is recomputed."""
+    config = make_config(tmp_path, phantom_cohort["template"])
+    config["segmentation"]["options"]["labels"] = ""  # threshold lungs: the real CT has no truth
+    config["series_rule"] = {"max_thickness_mm": 3.0}
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    argv = ["run", "--out", str(out), "--dicom", str(lung1_dicom), "--config", str(config_file), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "1/1 cases finished" in capsys.readouterr().out
+    exams = pd.read_csv(out / "index" / "exams.csv")
+    assert exams.loc[0, "selected"] and "chose" in exams.loc[0, "reason"]
+    stamp = (out / "index" / "series.csv").stat().st_mtime_ns
+    assert cli.main(argv) == 0
+    assert "ran now: 0 segmentations, 0 registrations" in capsys.readouterr().out
+    assert (out / "index" / "series.csv").stat().st_mtime_ns == stamp

@@ -97,14 +97,14 @@ class Executor:
         elif self.workers <= 1:
             cluster = self._stack.enter_context(LocalCluster(
                 n_workers=1, threads_per_worker=self.threads_per_worker, processes=False,
-                dashboard_address=None, memory_limit=self.memory_limit))
+                dashboard_address=":0", memory_limit=self.memory_limit))
             self.client = self._stack.enter_context(Client(cluster))
         else:
             cluster = self._stack.enter_context(LocalCluster(
                 n_workers=self.workers, threads_per_worker=self.threads_per_worker, processes=True,
-                dashboard_address=None, memory_limit=self.memory_limit))
+                dashboard_address=":0", memory_limit=self.memory_limit))
             self.client = self._stack.enter_context(Client(cluster))
-        log.info("executor: %s", self.describe())
+        log.info("executor: %s; dashboard %s", self.describe(), self.client.dashboard_link)
         return self
 
     def __exit__(self, *exc):

@@ -16,8 +16,26 @@ HELP = "run or resume the cohort pipeline in a run folder"
 def add_arguments(parser) -> None:
     add_out(parser)
     add_inputs(parser)
+    parser.add_argument("--reindex", action="store_true",
+                        help="read the DICOM tree again although this run folder has indexed it")
     add_pipeline_options(parser)
     add_execution_options(parser)
+
+
+def needs_index(args, out) -> bool:
+    """Index when an input is given, except a DICOM tree already indexed into this folder
+    (reading every header again would cost hours at NLST scale; --reindex forces it).
+    Manifests and NLST tables are cheap to read and are always read again."""
+    from ...paths import read_json
+    from ..pipeline import cases_path
+
+    dicom, manifest = getattr(args, "dicom", None), getattr(args, "manifest", None)
+    if dicom is None and manifest is None:
+        return False
+    if manifest is not None or getattr(args, "reindex", False) or not cases_path(out).exists():
+        return True
+    source = read_json(cases_path(out)).get("source", {})
+    return source.get("dicom") != str(dicom.resolve()) or bool(args.nlst_tables)
 
 
 def run(args, retry_failed: bool = False, on_case=None) -> int:
@@ -28,7 +46,7 @@ def run(args, retry_failed: bool = False, on_case=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = build_config(args, out)
     try:
-        if getattr(args, "dicom", None) is not None or getattr(args, "manifest", None) is not None:
+        if needs_index(args, out):
             index_cohort(out, dicom=args.dicom, manifest=args.manifest, nlst_tables=args.nlst_tables,
                          config=config, workers=args.index_workers)
         summary = run_cohort(out, config, retry_failed=retry_failed, executor=executor_from(config, args),
