@@ -85,3 +85,11 @@ def test_null_difference_false_positive_rate_is_near_nominal(atlas6):
     assert 3 <= chi_positive <= 18, chi_positive
     # binomial(30, 0.05): 1.5 expected; P(>= 6) = 0.016, so 6 or more would mean inflated errors
     assert perm_positive <= 5, perm_positive
+
+
+def test_too_few_participants_are_not_tested(atlas6):
+    # 2 vs 2 participants allow C(4, 2) = 6 labellings: the smallest p would be 1/6, so no test
+    mapped, scans = simulate.planted_cohort(atlas6.labels, 4, seed=1, nodules_per_scan=3.0)
+    test = _permutation_p(mapped, scans, atlas6.labels, n_permutations=99)
+    assert test["arrangements"] == 6 and np.isnan(test["p_global"]) and "6 labellings" in test["note"]
+    assert test["difference"].any()  # the maps are still made

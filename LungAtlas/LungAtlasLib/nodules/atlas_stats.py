@@ -190,7 +190,8 @@ def compute_atlas_statistics(mapped: pd.DataFrame, atlas_ct: sitk.Image, atlas_l
                           "max_abs_statistic": test["max_abs_statistic"],
                           "statistic_fwe_threshold_05": test["fwe_threshold_05"], "p_fwe_global": test["p_global"],
                           "n_permutations": n_permutations,
-                          "permuted_unit": "scan" if column == "screen_year" else "participant"})
+                          "permuted_unit": "scan" if column == "screen_year" else "participant",
+                          "labellings": test["arrangements"], "note": test["note"]})
         comparison_figures.append((column, a, b, contingency, test))
     tables["phenotype_lobe_counts"] = pd.DataFrame(counts_rows)
     tables["phenotype_chi_square"] = pd.DataFrame(chi_rows)

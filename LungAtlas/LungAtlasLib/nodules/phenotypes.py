@@ -21,6 +21,8 @@ voxel's |difference|. The global p-value is that of the most different voxel.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
@@ -191,6 +193,9 @@ class GroupDensity:
         return np.where(self.mask, smooth(counts, self.spacing_zyx, self.bandwidth), 0.0) / self.voxel_ml
 
 
+MIN_ARRANGEMENTS = 20  # fewer distinct labellings and p could never reach 0.05
+
+
 def density_permutation_test(group_density: GroupDensity, scan_groups: np.ndarray, scan_units: np.ndarray,
                              group_a, group_b, n_permutations: int = 999, seed: int = 0) -> dict:
     """Max-statistic permutation test of the difference of two groups' density maps.
@@ -205,7 +210,10 @@ def density_permutation_test(group_density: GroupDensity, scan_groups: np.ndarra
     Returns ``difference`` (A - B, nodules per mL per scan), ``statistic``,
     ``p_fwe`` (corrected p per voxel, 1 outside the lungs), ``p_global``,
     ``max_abs_difference``, ``max_abs_statistic``, ``fwe_threshold_05`` (95th
-    percentile of the null maximum statistic), ``n_a``/``n_b`` scans.
+    percentile of the null maximum statistic), ``n_a``/``n_b`` scans,
+    ``arrangements`` (distinct labellings of the units) and ``note``. With fewer
+    than :data:`MIN_ARRANGEMENTS` labellings no test is run (p values NaN, the
+    note says why): the maps are still returned.
     """
     scan_groups = np.asarray(scan_groups, dtype=object)
     units, unit_of_scan = np.unique(np.asarray(scan_units, dtype=object).astype(str), return_inverse=True)
@@ -228,6 +236,8 @@ def density_permutation_test(group_density: GroupDensity, scan_groups: np.ndarra
         return np.where(is_a, 1.0 / max(is_a.sum(), 1), 0.0) - np.where(is_b, 1.0 / max(is_b.sum(), 1), 0.0)
 
     mask = group_density.mask
+    units_a = int(np.sum(unit_group[in_test] == group_a))
+    arrangements = math.comb(int(in_test.sum()), units_a)
     # Standardise by the Poisson scale of the pooled density: a kernel estimate's variance grows
     # with the local density, so an unscaled maximum would only ever look where nodules are
     # common. The pooled map is the same under every permutation, so this costs one map.
@@ -236,6 +246,16 @@ def density_permutation_test(group_density: GroupDensity, scan_groups: np.ndarra
     scale = 1.0 / np.sqrt(np.maximum(pooled, 0.0) + floor + 1e-30)
     difference = group_density.map(weights_for(unit_group))
     observed = difference * scale
+    common = {"difference": difference.astype(np.float32), "statistic": observed.astype(np.float32),
+              "max_abs_difference": float(np.abs(difference[mask]).max(initial=0.0)),
+              "max_abs_statistic": float(np.abs(observed[mask]).max(initial=0.0)), "n_a": n_a, "n_b": n_b,
+              "n_permutations": n_permutations, "group_a": group_a, "group_b": group_b,
+              "arrangements": arrangements}
+    if arrangements < MIN_ARRANGEMENTS:
+        return {**common, "p_fwe": np.ones(mask.shape, np.float32), "p_global": float("nan"),
+                "fwe_threshold_05": float("nan"),
+                "note": f"not tested: {units_a} vs {int(in_test.sum()) - units_a} units allow only "
+                        f"{arrangements} labellings (< {MIN_ARRANGEMENTS}), p could not reach 0.05"}
     rng = np.random.default_rng(seed)
     test_units = np.flatnonzero(in_test)
     maxima = np.empty(n_permutations)
@@ -248,9 +268,6 @@ def density_permutation_test(group_density: GroupDensity, scan_groups: np.ndarra
     exceed = n_permutations - np.searchsorted(sorted_max, absolute[mask], side="left")
     p_fwe = np.ones(mask.shape, np.float32)
     p_fwe[mask] = (1.0 + exceed) / (1.0 + n_permutations)
-    max_abs = float(absolute[mask].max(initial=0.0))
-    return {"difference": difference.astype(np.float32), "statistic": observed.astype(np.float32),
-            "p_fwe": p_fwe, "p_global": float((1.0 + np.sum(maxima >= max_abs)) / (1.0 + n_permutations)),
-            "max_abs_difference": float(np.abs(difference[mask]).max(initial=0.0)),
-            "max_abs_statistic": max_abs, "fwe_threshold_05": float(np.quantile(maxima, 0.95)),
-            "n_a": n_a, "n_b": n_b, "n_permutations": n_permutations, "group_a": group_a, "group_b": group_b}
+    max_abs = common["max_abs_statistic"]
+    return {**common, "p_fwe": p_fwe, "p_global": float((1.0 + np.sum(maxima >= max_abs)) / (1.0 + n_permutations)),
+            "fwe_threshold_05": float(np.quantile(maxima, 0.95)), "note": ""}

@@ -76,8 +76,9 @@ def write_atlas_report(out_dir, result, atlas_ct: sitk.Image, atlas_labels: sitk
         diff_image = sitk.GetImageFromArray(test["difference"])
         diff_image.CopyInformation(atlas_labels)
         diff = figures.density_views(diff_image, atlas_ct, fig_dir / f"difference_{column}.png",
-                                     title=f"Density difference {a} minus {b} "
-                                           f"(p_FWE = {test['p_global']:.3g})", diverging=True)
+                                     title=f"Density difference {a} minus {b} " + (
+                                         f"(p_FWE = {test['p_global']:.3g})" if test["p_global"] == test["p_global"]
+                                         else "(not tested: too few participants)"), diverging=True)
         result.figures[f"lobes_{column}"] = bars
         result.figures[f"difference_{column}"] = diff
         comparison_figures += [(bars, f"Lobe shares by {column}"), (diff, f"Density difference, {a} minus {b}")]
