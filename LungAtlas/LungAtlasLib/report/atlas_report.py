@@ -62,7 +62,7 @@ def write_atlas_report(out_dir, result, atlas_ct: sitk.Image, atlas_labels: sitk
     sections.append({"title": "Where nodules occur",
                      "text": STATISTICS_TEXT.format(bandwidth=bandwidth_mm),
                      "figures": [(path, "Density of all used nodules over the template: slices through the peak "
-                                        "and maximum projections (R = patient right)"),
+                                        "and maximum projections (R = patient right, A = anterior)"),
                                  (path_rates, "Per-lobe rate with 95 % CI, and shares of nodules and volume")],
                      "tables": [("lobe_rates", tables["lobe_rates"], "Per-lobe counts, shares and rates"),
                                 ("zone_rates", tables["zone_rates"], "Central vs peripheral")]})

@@ -114,9 +114,9 @@ def density_views(density: sitk.Image, template: sitk.Image, path, title: str = 
             label = "slice through peak" if row == 0 else ("projection (max)" if not diverging
                                                           else "projection (largest |difference|)")
             ax.set_title(f"{name}: {label}", fontsize=9)
-            if name != "sagittal":
-                ax.text(0.01, 0.02, "R", color="white", transform=ax.transAxes, fontsize=9)
-                ax.text(0.97, 0.02, "L", color="white", transform=ax.transAxes, fontsize=9)
+            left, right = ("A", "P") if name == "sagittal" else ("R", "L")  # LPS: x to the left, y posterior
+            ax.text(0.01, 0.02, left, color="white", transform=ax.transAxes, fontsize=9)
+            ax.text(0.97, 0.02, right, color="white", transform=ax.transAxes, fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.8, label="nodules per mL per scan")
     fig.suptitle(title, fontsize=12)
     return _save(fig, path)
