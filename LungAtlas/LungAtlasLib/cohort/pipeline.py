@@ -254,7 +254,7 @@ def _run_phase(out, config, cases_by_id, plan_table, stages, template, executor,
         hashes_by_id[row.case_id] = row.hashes
         if all(s == "done" for s in states):
             continue
-        if stages != SEGMENT_PHASE and row.segment != "done":
+        if stages == ATLAS_PHASE and row.segment != "done":
             continue  # not segmented (failed): nothing to register
         first_open = next(s for s in states if s != "done")
         if first_open == "failed" and not retry_failed:
@@ -271,7 +271,7 @@ def _run_phase(out, config, cases_by_id, plan_table, stages, template, executor,
         for listener in ([on_case] if on_case is not None else []) + list(_CASE_LISTENERS):
             listener(case_id, status, value)
 
-    results = executor.map_cases(run_case, items, label=stages[0] if len(stages) == 1 else "register",
+    results = executor.map_cases(run_case, items, label="segment" if stages == SEGMENT_PHASE else "cases",
                                  gpu=True, retries=int(config["execution"].get("retries", 0)), on_result=handle)
     return results, skipped_failed
 
@@ -338,19 +338,32 @@ def run_cohort(out, config: dict | None = None, *, retry_failed: bool = False, e
         executor = Executor(progress=progress, **config["execution"])
     ran = {"segment": 0, "register": 0}
     # an executor already started by the caller stays open for the caller's next run
+    def count(results):
+        for status, value in results.values():
+            if status == "ok":
+                for stage in ("segment", "register"):
+                    ran[stage] += stage in value["ran"]
+
     with (executor if executor.client is None else _nullcontext(executor)):
-        table = plan(out, config, cases, None)
-        results, _ = _run_phase(out, config, cases_by_id, table, SEGMENT_PHASE, None, executor, retry_failed,
-                                on_case)
-        ran["segment"] = sum(1 for s, _ in results.values() if s == "ok")
-        table = plan(out, config, cases, None)
-        template = None
-        if (table["segment"] == "done").any():
-            template = ensure_template(out, config, cases, table, executor)
+        if config["template"].get("path"):
+            # a given template: no barrier between segmentation and registration, each case
+            # runs all its stages in one task (workers stay busy to the end)
+            template = _given_template(config["template"]["path"])
+            template["hash"] = cfgmod.template_hash(config, {})
             table = plan(out, config, cases, template["hash"])
-            results, _ = _run_phase(out, config, cases_by_id, table, ATLAS_PHASE, template, executor,
-                                    retry_failed, on_case)
-            ran["register"] = sum(1 for s, _ in results.values() if s == "ok")
+            count(_run_phase(out, config, cases_by_id, table, cfgmod.CASE_STAGES, template, executor,
+                             retry_failed, on_case)[0])
+        else:
+            table = plan(out, config, cases, None)
+            count(_run_phase(out, config, cases_by_id, table, SEGMENT_PHASE, None, executor, retry_failed,
+                             on_case)[0])
+            table = plan(out, config, cases, None)
+            template = None
+            if (table["segment"] == "done").any():
+                template = ensure_template(out, config, cases, table, executor)
+                table = plan(out, config, cases, template["hash"])
+                count(_run_phase(out, config, cases_by_id, table, ATLAS_PHASE, template, executor,
+                                 retry_failed, on_case)[0])
     cohort = records.write_cohort_table(out, [c["case_id"] for c in cases])
     aggregate_info = {}
     if template:
