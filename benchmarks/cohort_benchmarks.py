@@ -109,6 +109,13 @@ def bench_plan(out: Path, n_exams: int = 75_000, n_series: int = 200_000) -> dic
             "to_run": int((table["segment"] == "todo").sum())}
 
 
+def _warm_up():
+    import ants  # noqa: F401  (antspyx: seconds to import, once per worker)
+
+    import LungAtlasLib.registration.classical  # noqa: F401
+    import LungAtlasLib.segmentation.classical  # noqa: F401
+
+
 def bench_workers(out: Path, subjects: int = 8, spacing: float = 4.0) -> dict:
     from LungAtlasLib import demo
     from LungAtlasLib.cohort import pipeline
@@ -122,7 +129,8 @@ def bench_workers(out: Path, subjects: int = 8, spacing: float = 4.0) -> dict:
     for workers in (1, 2):
         run = out / f"workers_{workers}"
         shutil.rmtree(run, ignore_errors=True)
-        config = demo.demo_config(out / "workers_data", manifest, "classical", "classical", workers)
+        config = demo.demo_config(out / "workers_data", manifest, "classical", "classical", workers,
+                                  registration_spacing=6.0)
         config["execution"]["workers"] = workers
         # case throughput: the cohort statistics (the same for both) kept small
         config["aggregate"] = {"permutations": 9, "report": False}
@@ -130,7 +138,9 @@ def bench_workers(out: Path, subjects: int = 8, spacing: float = 4.0) -> dict:
         config["registration"]["options"]["threads"] = 1
         pipeline.index_cohort(run, manifest=path, config=config)
         # the cluster starts before the clock: throughput of cases, not start-up time
-        with Executor(progress=False, **config["execution"]) as executor:
+        # both runs in worker processes, imports done before the clock starts
+        with Executor(progress=False, processes=True, **config["execution"]) as executor:
+            executor.client.run(_warm_up)
             t = time.perf_counter()
             summary = pipeline.run_cohort(run, config, executor=executor)
             seconds[workers] = time.perf_counter() - t

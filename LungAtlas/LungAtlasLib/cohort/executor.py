@@ -37,7 +37,7 @@ class Executor:
     def __init__(self, workers: int = 1, threads_per_worker: int = 1, memory_limit: str = "6GB",
                  scheduler: str | None = None, allowed_failures: int = 2, jobqueue: str | None = None,
                  jobs: int = 1, gpu_resources: bool = False, progress: bool = True, connect_timeout: str = "15s",
-                 **_ignored):
+                 processes: bool | None = None, **_ignored):
         self.workers = int(workers)
         self.threads_per_worker = int(threads_per_worker)
         self.memory_limit = memory_limit
@@ -48,6 +48,8 @@ class Executor:
         self.gpu_resources = bool(gpu_resources)
         self.progress = progress
         self.connect_timeout = connect_timeout
+        # worker processes: by default only for 2+ workers (1 worker runs in this process)
+        self.processes = self.workers > 1 if processes is None else bool(processes)
         self.client = None
         self._stack = contextlib.ExitStack()
 
@@ -56,8 +58,8 @@ class Executor:
             return f"Dask scheduler {self.scheduler}"
         if self.jobqueue:
             return f"dask-jobqueue {self.jobqueue} cluster ({self.jobs} jobs)"
-        if self.workers <= 1:
-            return "in-process Dask cluster (1 worker thread)"
+        if not self.processes:
+            return f"in-process Dask cluster ({self.threads_per_worker} worker thread(s))"
         return f"local Dask cluster ({self.workers} worker processes, {self.memory_limit} each)"
 
     def __enter__(self):
@@ -94,14 +96,14 @@ class Executor:
             cluster = self._stack.enter_context(cls())
             cluster.scale(jobs=self.jobs)
             self.client = self._stack.enter_context(Client(cluster))
-        elif self.workers <= 1:
+        elif not self.processes:
             cluster = self._stack.enter_context(LocalCluster(
                 n_workers=1, threads_per_worker=self.threads_per_worker, processes=False,
                 dashboard_address=":0", memory_limit=self.memory_limit))
             self.client = self._stack.enter_context(Client(cluster))
         else:
             cluster = self._stack.enter_context(LocalCluster(
-                n_workers=self.workers, threads_per_worker=self.threads_per_worker, processes=True,
+                n_workers=max(1, self.workers), threads_per_worker=self.threads_per_worker, processes=True,
                 dashboard_address=":0", memory_limit=self.memory_limit))
             self.client = self._stack.enter_context(Client(cluster))
         log.info("executor: %s; dashboard %s", self.describe(), self.client.dashboard_link)
