@@ -103,3 +103,16 @@ class CentroidRegistration(Registration):
         moving_to_fixed = sitk.TranslationTransform(3, tuple(offset))
         fixed_to_moving = sitk.TranslationTransform(3, tuple(-offset))
         return RegistrationResult(fixed_to_moving, moving_to_fixed, self.name, {"offset_mm": float(np.linalg.norm(offset))})
+
+
+def mean_template(cts, label_maps, *, registration, registration_options, calls_file=""):
+    """Test-only template builder: voxel-wise mean CT of the subset resampled (no
+    registration) onto the first case's grid, and the first case's labels."""
+    _count(calls_file, f"template {len(cts)}")
+    reference = cts[0]
+    total = np.zeros(sitk.GetArrayViewFromImage(reference).shape, np.float64)
+    for ct in cts:
+        total += sitk.GetArrayFromImage(sitk.Resample(ct, reference, sitk.Transform(), sitk.sitkLinear, -1024.0))
+    mean = sitk.GetImageFromArray((total / len(cts)).astype(np.float32))
+    mean.CopyInformation(reference)
+    return {"ct": mean, "labels": label_maps[0], "info": {"n": len(cts), "registration": registration}}

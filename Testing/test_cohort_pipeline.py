@@ -226,3 +226,31 @@ def test_dicom_tree_run_indexes_once(tmp_path, phantom_cohort, lung1_dicom, caps
     assert cli.main(argv) == 0
     assert "ran now: 0 segmentations, 0 registrations" in capsys.readouterr().out
     assert (out / "index" / "series.csv").stat().st_mtime_ns == stamp
+
+
+def test_template_built_from_a_subset_once(tmp_path, phantom_cohort):
+    """No template given: segment all, build one from the first `subset` cases (by id),
+    register all to it; resume keeps it; a different subset builds a new one and reruns
+    registration but not segmentation."""
+    manifest = write_manifest(tmp_path, phantom_cohort)
+    out = tmp_path / "run"
+    pipeline.index_cohort(out, manifest=manifest)
+    config = make_config(tmp_path, phantom_cohort["template"])
+    config["template"] = {"path": None, "subset": 2, "builder": "cohort_backends:mean_template",
+                          "options": {"calls_file": str(tmp_path / "template_calls.txt")}}
+    summary = pipeline.run_cohort(out, config, progress=False)
+    assert (summary["done"], summary["failed"]) == (3, 0)
+    built = json.loads(next((out / "template").glob("*/template.json")).read_text())
+    assert built["subset"] == ["demo001", "demo002"] and built["info"]["n"] == 2
+    # registered to the built template: the first subset case's grid
+    assert summary["template"] == built["ct"]
+    assert calls(tmp_path / "template_calls.txt") == ["template 2"]
+
+    again = pipeline.run_cohort(out, None, progress=False)
+    assert again["ran"] == {"segment": 0, "register": 0} and len(calls(tmp_path / "template_calls.txt")) == 1
+
+    config["template"]["subset"] = 3
+    changed = pipeline.run_cohort(out, config, progress=False)
+    assert changed["ran"] == {"segment": 0, "register": 3}
+    assert calls(tmp_path / "template_calls.txt") == ["template 2", "template 3"]
+    assert len(list((out / "template").glob("*/template.json"))) == 2

@@ -41,7 +41,8 @@ DEFAULT_CONFIG = {
     "registration": {"name": "unigradicon", "options": {}},
     # path: an existing template folder (ct.nii.gz + lobes.nii.gz) used as is;
     # otherwise one is built from `subset` segmented cases (first by case id).
-    "template": {"path": None, "subset": 30, "options": {}},
+    # builder: "module:function" (see pipeline._build_template_task for its call)
+    "template": {"path": None, "subset": 30, "options": {}, "builder": "LungAtlasLib.template:build_template"},
     "metrics": {"hausdorff": True},
     # cohort statistics (nodules/atlas_stats.py); recomputed from the case files on every run
     "aggregate": {"bandwidth_mm": 10.0, "permutations": 199, "report": True},

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import SimpleITK as sitk
 
 from ..paths import inside, read_json, write_json_atomic, write_text_atomic
 from . import config as cfgmod
@@ -165,27 +166,44 @@ def _given_template(path) -> dict:
     return {"ct": str(folder / "ct.nii.gz"), "labels": str(folder / "lobes.nii.gz"), "source": str(folder)}
 
 
+def _template_builder(config: dict):
+    """The configured builder function (``template.builder``, "module:function")."""
+    import importlib
+
+    spec = config["template"].get("builder") or cfgmod.DEFAULT_CONFIG["template"]["builder"]
+    module_name, _, function = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CohortError(f"template builder {spec!r} cannot be imported ({exc}); give an existing template "
+                          "folder with --template DIR (ct.nii.gz + lobes.nii.gz)") from None
+    try:
+        return getattr(module, function)
+    except AttributeError:
+        raise CohortError(f"template builder {spec!r}: {module_name} has no {function}") from None
+
+
 def _build_template_task(subset: list[dict], config: dict, folder: str) -> dict:
-    """Build the template from the subset's CTs and segmentations (issue-4 builder), on a worker."""
+    """Build the template from the subset's CTs and segmentations, on a worker (a GPU one
+    when the registration is a model). The builder is called as
+    ``builder(cts, label_maps, registration=NAME, registration_options={...}, **template.options)``
+    and returns an object (or dict) with ``ct`` and ``labels`` images and optionally ``info``."""
     from .stages import load_plugins, read_case_ct
     from ..io import read_label_map, write_image
 
     load_plugins(config)
-    try:
-        from .. import template as template_pkg
-    except ImportError as exc:
-        raise CohortError("no template builder is installed in this version of LungAtlas; give an existing "
-                          "template folder with --template DIR (ct.nii.gz + lobes.nii.gz)") from exc
+    builder = _template_builder(config)
     cts = [read_case_ct(c) for c in subset]
     labels = [read_label_map(c["labels_path"]) for c in subset]
-    built = template_pkg.build_template(cts, labels, registration=config["registration"]["name"],
-                                        registration_options=config["registration"].get("options") or {},
-                                        **(config["template"].get("options") or {}))
+    built = builder(cts, labels, registration=config["registration"]["name"],
+                    registration_options=config["registration"].get("options") or {},
+                    **(config["template"].get("options") or {}))
+    get = built.get if isinstance(built, dict) else (lambda key, default=None: getattr(built, key, default))
     folder = Path(folder)
-    write_image(built.ct, folder / "ct.nii.gz")
-    write_image(built.labels, folder / "lobes.nii.gz")
+    write_image(get("ct"), folder / "ct.nii.gz")
+    write_image(sitk.Cast(get("labels"), sitk.sitkUInt8), folder / "lobes.nii.gz")
     return {"ct": str(folder / "ct.nii.gz"), "labels": str(folder / "lobes.nii.gz"), "source": "built",
-            "info": getattr(built, "info", {})}
+            "info": get("info", {}) or {}}
 
 
 def ensure_template(out, config: dict, cases: list[dict], plan_table: pd.DataFrame, executor: Executor) -> dict:
