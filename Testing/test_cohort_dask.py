@@ -18,10 +18,14 @@ def dask_config(tmp_path, cohort, kill_case, marker, kill_always=False, allowed_
     return config
 
 
-def test_killed_worker_loses_nothing_and_failed_case_retries(tmp_path, phantom_cohort):
-    manifest = write_manifest(tmp_path, phantom_cohort)
+@pytest.mark.realdata
+def test_killed_worker_loses_nothing_and_failed_case_retries(tmp_path, phantom_cohort, lung1_dicom):
+    # phantoms and the real LUNG1-001 CT (DICOM) in one cohort
+    mixed = write_manifest(tmp_path, phantom_cohort, [{"case_id": "LUNG1-001", "ct": str(lung1_dicom), "labels": ""}])
+    manifest = tmp_path / "phantoms.csv"
+    phantom_cohort["subjects"].to_csv(manifest, index=False)
     out = tmp_path / "run"
-    pipeline.index_cohort(out, manifest=manifest)
+    pipeline.index_cohort(out, manifest=mixed)
     marker = tmp_path / "killed-once"
 
     # 1. the worker running demo002 dies once; Dask restarts it and reschedules the case
@@ -29,9 +33,11 @@ def test_killed_worker_loses_nothing_and_failed_case_retries(tmp_path, phantom_c
     with Executor(progress=False, **config["execution"]) as executor:
         summary = pipeline.run_cohort(out, config, executor=executor)
     assert marker.exists(), "the test segmenter did not kill its worker"
-    assert (summary["done"], summary["failed"]) == (3, 0)
+    assert (summary["done"], summary["failed"]) == (4, 0)
     # each case segmented exactly once (the killed attempt never reached its count line)
-    assert sorted(line.split()[1] for line in calls(tmp_path / "seg_calls.txt")) == ["demo001", "demo002", "demo003"]
+    assert sorted(line.split()[1] for line in calls(tmp_path / "seg_calls.txt")) == \
+        ["LUNG1-001", "demo001", "demo002", "demo003"]
+    assert records.read_record(out, "LUNG1-001")["stages"]["segment"]["summary"]["kind"] == "sides"
     # demo002 finished in another process than the one that died on it
     killed_pid = int(marker.read_text())
     assert records.read_record(out, "demo002")["stages"]["segment"]["worker_pid"] != killed_pid
