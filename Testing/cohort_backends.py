@@ -105,7 +105,7 @@ class CentroidRegistration(Registration):
         return RegistrationResult(fixed_to_moving, moving_to_fixed, self.name, {"offset_mm": float(np.linalg.norm(offset))})
 
 
-def mean_template(cts, label_maps, *, registration, registration_options, calls_file=""):
+def mean_template(cts, label_maps, *, registration, registration_options, calls_file="", **_context):
     """Test-only template builder: voxel-wise mean CT of the subset resampled (no
     registration) onto the first case's grid, and the first case's labels."""
     _count(calls_file, f"template {len(cts)}")

@@ -39,10 +39,11 @@ DEFAULT_CONFIG = {
     "plugins": [],
     "segmentation": {"name": "totalsegmentator", "options": {}},
     "registration": {"name": "unigradicon", "options": {}},
-    # path: an existing template folder (ct.nii.gz + lobes.nii.gz) used as is;
-    # otherwise one is built from `subset` segmented cases (first by case id).
+    # path: an existing template folder (ct.nii.gz + lobes.nii.gz, or an atlas bundle) used
+    # as is; otherwise one is built from `subset` segmented cases (first by case id); options
+    # go to template.build_template (rounds, spacing_mm, ...).
     # builder: "module:function" (see pipeline._build_template_task for its call)
-    "template": {"path": None, "subset": 30, "options": {}, "builder": "LungAtlasLib.template:build_template"},
+    "template": {"path": None, "subset": 30, "options": {}, "builder": "LungAtlasLib.cohort.stages:build_template"},
     "metrics": {"hausdorff": True},
     # cohort statistics (nodules/atlas_stats.py); recomputed from the case files on every run
     "aggregate": {"bandwidth_mm": 10.0, "permutations": 199, "report": True},

@@ -158,11 +158,19 @@ TEMPLATE_FILES = ("ct.nii.gz", "lobes.nii.gz")
 
 
 def _given_template(path) -> dict:
+    """A template folder: ct.nii.gz + lobes.nii.gz, or an atlas bundle written by
+    ``template.write_atlas`` (atlas.json naming template_ct and template_labels)."""
     folder = Path(path)
+    atlas_json = folder / "atlas.json"
+    if atlas_json.exists():
+        files = read_json(atlas_json).get("files", {})
+        ct, labels = files.get("template_ct"), files.get("template_labels") or files.get("lobe_labels")
+        if ct and labels and (folder / ct).exists() and (folder / labels).exists():
+            return {"ct": str(folder / ct), "labels": str(folder / labels), "source": str(folder)}
     missing = [name for name in TEMPLATE_FILES if not (folder / name).exists()]
     if missing:
         raise CohortError(f"template folder {folder} lacks {missing}: a template is a folder with the template "
-                          "CT (ct.nii.gz) and its lobe labels (lobes.nii.gz)")
+                          "CT (ct.nii.gz) and its lobe labels (lobes.nii.gz), or an atlas bundle with atlas.json")
     return {"ct": str(folder / "ct.nii.gz"), "labels": str(folder / "lobes.nii.gz"), "source": str(folder)}
 
 
@@ -186,8 +194,9 @@ def _template_builder(config: dict):
 def _build_template_task(subset: list[dict], config: dict, folder: str) -> dict:
     """Build the template from the subset's CTs and segmentations, on a worker (a GPU one
     when the registration is a model). The builder is called as
-    ``builder(cts, label_maps, registration=NAME, registration_options={...}, **template.options)``
-    and returns an object (or dict) with ``ct`` and ``labels`` images and optionally ``info``."""
+    ``builder(cts, label_maps, case_ids=[...], registration=NAME, registration_options={...},
+    folder=PATH, **template.options)`` and returns an object (or dict) with ``ct`` and
+    ``labels`` images and optionally ``info``; it may write more files into ``folder``."""
     from .stages import load_plugins, read_case_ct
     from ..io import read_label_map, write_image
 
@@ -195,15 +204,30 @@ def _build_template_task(subset: list[dict], config: dict, folder: str) -> dict:
     builder = _template_builder(config)
     cts = [read_case_ct(c) for c in subset]
     labels = [read_label_map(c["labels_path"]) for c in subset]
-    built = builder(cts, labels, registration=config["registration"]["name"],
-                    registration_options=config["registration"].get("options") or {},
+    # lobes only when every subset case has lobes; otherwise a lung-sides template
+    # (1 right, 2 left), never sides read as lobes 1 and 2
+    kind = "lobes" if all(c.get("labels_kind", "lobes") == "lobes" for c in subset) else "sides"
+    if kind == "sides":
+        from ..labels import LABELS
+
+        def as_sides(image, case):
+            if case.get("labels_kind", "lobes") == "sides":
+                return image
+            sides = sitk.GetImageFromArray(LABELS.side_map(sitk.GetArrayFromImage(image)))
+            sides.CopyInformation(image)
+            return sides
+
+        labels = [as_sides(image, case) for image, case in zip(labels, subset)]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    built = builder(cts, labels, case_ids=[c["case_id"] for c in subset], registration=config["registration"]["name"],
+                    registration_options=config["registration"].get("options") or {}, folder=str(folder),
                     **(config["template"].get("options") or {}))
     get = built.get if isinstance(built, dict) else (lambda key, default=None: getattr(built, key, default))
-    folder = Path(folder)
     write_image(get("ct"), folder / "ct.nii.gz")
     write_image(sitk.Cast(get("labels"), sitk.sitkUInt8), folder / "lobes.nii.gz")
     return {"ct": str(folder / "ct.nii.gz"), "labels": str(folder / "lobes.nii.gz"), "source": "built",
-            "info": get("info", {}) or {}}
+            "kind": kind, "info": get("info", {}) or {}}
 
 
 def ensure_template(out, config: dict, cases: list[dict], plan_table: pd.DataFrame, executor: Executor) -> dict:
@@ -227,7 +251,9 @@ def ensure_template(out, config: dict, cases: list[dict], plan_table: pd.DataFra
     subset = []
     for cid in subset_ids:
         record = records.read_record(out, cid)
-        subset.append({**by_id[cid], "labels_path": record["stages"]["segment"]["outputs"]["labels"]})
+        segment = record["stages"]["segment"]
+        subset.append({**by_id[cid], "labels_path": segment["outputs"]["labels"],
+                       "labels_kind": segment["summary"].get("kind", "lobes")})
     result = executor.map_cases(_build_template_task, [("template", (subset, config, str(folder)), {})],
                                 label="template", gpu=True)
     status, value = result["template"]
@@ -461,7 +487,10 @@ def aggregate(out, cohort: pd.DataFrame, template: dict, options: dict | None = 
             "lung_dice_before_mean": _mean(done, "metrics_lung_dice_before"),
             "lung_dice_after_mean": _mean(done, "metrics_lung_dice_after"),
             "lobe_dice_after_mean": _mean(done, "metrics_lobe_dice_mean_after")}
-    if info["nodules_mapped"]:
+    if template.get("kind", "lobes") != "lobes":
+        info["atlas_statistics"] = ("skipped: the template has lungs but no lobes (built from lung-only "
+                                    "segmentations); segment the template subset with lobes")
+    elif info["nodules_mapped"]:
         # every finished scan counts (scans without nodules lower the density), with its phenotype
         scans = pd.DataFrame({"case_id": done["case_id"].astype(str),
                               "participant": done.get("participant_id", done["case_id"]).astype(str),

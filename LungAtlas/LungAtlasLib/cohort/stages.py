@@ -138,6 +138,12 @@ def segment(case: dict, config: dict, out, template: dict | None = None):
     return {"labels": str(labels_path)}, summary
 
 
+def _as_sides(labels: sitk.Image) -> sitk.Image:
+    sides = sitk.GetImageFromArray(LABELS.side_map(sitk.GetArrayFromImage(labels)))
+    sides.CopyInformation(labels)
+    return sides
+
+
 def _case_labels(record: dict) -> sitk.Image:
     return read_label_map(record["stages"]["segment"]["outputs"]["labels"])
 
@@ -148,9 +154,11 @@ def register(case: dict, config: dict, out, template: dict, record: dict):
     moving = read_case_ct(case)
     moving_labels = _case_labels(record)
     kind = record["stages"]["segment"]["summary"].get("kind", "lobes")
-    if kind == "sides":  # lobe-less map: let the backend compare like with like
+    if kind == "sides" and template.get("kind", "lobes") == "lobes":  # compare like with like
         fixed_labels = sitk.GetImageFromArray(LABELS.side_map(sitk.GetArrayFromImage(fixed_labels)))
         fixed_labels.CopyInformation(fixed)
+    elif kind == "lobes" and template.get("kind", "lobes") == "sides":
+        moving_labels = _as_sides(moving_labels)
     started = time.perf_counter()
     result = _backend("registration", config["registration"], case).register(
         fixed, moving, fixed_mask=fixed_labels > 0, moving_mask=moving_labels > 0,
@@ -176,7 +184,8 @@ def metrics(case: dict, config: dict, out, template: dict, record: dict):
     before_labels = resample_to(moving_labels, fixed_labels, is_label=True)
     before_ct = resample_to(moving, fixed)
     reference = fixed_labels
-    if kind == "sides":  # compare whole lungs only
+    lungs_only = kind == "sides" or template.get("kind", "lobes") == "sides"
+    if lungs_only:  # a lobe-less map on either side: compare whole lungs only
         def _binary(image):
             return sitk.Cast(image > 0, sitk.sitkUInt8)
         reference, warped_labels_cmp, before_cmp = _binary(fixed_labels), _binary(warped_labels), _binary(before_labels)
@@ -188,7 +197,7 @@ def metrics(case: dict, config: dict, out, template: dict, record: dict):
     for when, labels, ct in (("before", before_cmp, before_ct), ("after", warped_labels_cmp, warped_ct)):
         for row in _alignment(reference, labels, fixed, ct, label_values, hd):
             rows.append({"case_id": case["case_id"], "when": when, **row})
-    if kind == "sides":
+    if lungs_only:
         rows = [r for r in rows if r["region"] in ("lung", "image", "lung_intensity")]
     table = pd.DataFrame(rows)
     folder = stage_dir(out, case["case_id"], "metrics")
@@ -243,6 +252,22 @@ def nodules(case: dict, config: dict, out, template: dict, record: dict):
     used = mapped[mapped["status"] == "ok"] if len(mapped) else mapped
     summary = {"n_nodules": int(len(mapped)), "n_mapped": int(len(used))}
     return {"table": str(path)}, summary
+
+
+def build_template(cts, label_maps, *, case_ids, registration: str, registration_options: dict, folder,
+                   **options) -> dict:
+    """The template stage through LungAtlas's groupwise builder (:mod:`..template`): every
+    subset case registered with the cohort's registration backend, averaged, unbiased; the
+    atlas bundle (template, lobe probabilities, atlas.json) is written to ``folder``.
+    ``options`` go to :func:`..template.build_template` (rounds, spacing_mm, margin_mm, ...)."""
+    from ..template import TemplateCase, write_atlas
+    from ..template import build_template as groupwise
+
+    cases = [TemplateCase(cid, ct, labels) for cid, ct, labels in zip(case_ids, cts, label_maps)]
+    result = groupwise(cases, backend=registration, backend_options=registration_options, **options)
+    write_atlas(result, folder)
+    return {"ct": result.ct, "labels": result.labels,
+            "info": {"reference": result.reference, "rounds": result.rounds}}
 
 
 STAGE_FUNCTIONS = {"segment": segment, "register": register, "metrics": metrics, "nodules": nodules}
