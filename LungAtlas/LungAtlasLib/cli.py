@@ -23,6 +23,8 @@ COMMAND_MODULES = {
     "retry": ".cohort.commands.retry",
     "report": ".cohort.commands.report",
     "atlas-stats": ".nodules.atlas_stats",
+    "register": ".registration.command",
+    "template": ".template.command",
 }
 
 

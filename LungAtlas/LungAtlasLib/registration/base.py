@@ -13,7 +13,12 @@ from typing import ClassVar
 
 import SimpleITK as sitk
 
-BACKENDS: dict[str, str] = {}
+# backend name -> "module:Class", imported on first use (torch loads only for unigradicon)
+BACKENDS: dict[str, str] = {
+    "classical": ".classical:ClassicalRegistration",
+    "unigradicon": ".unigradicon:UniGradICONRegistration",
+}
+DEFAULT_BACKEND = "unigradicon"
 
 
 class RegistrationError(RuntimeError):

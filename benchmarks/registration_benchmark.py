@@ -1,0 +1,169 @@
+"""Registration benchmark: the classical backend vs ANTs SyNQuick, side by side, on real CT pairs.
+
+    .venv/bin/python benchmarks/registration_benchmark.py [--spacing 2] [--pairs both|forward|reverse]
+        [--skip-synquick] [--threads 2] [--json OUT.json]
+
+Pairs (../shared/data/ct or $LUNGATLAS_TEST_DATA): lung2 -> LUNG1-001 and the reverse.
+Lungs: LUNG1-001's clinical lung contours; lung2 has none, so its lungs come
+from the classical segmenter when it is available, else from a simple threshold
+segmenter defined here (air inside the body, two largest components).
+Printed per pair and method: whole-lung Dice after registration (warped moving
+lung mask vs fixed lung mask on the fixed grid, nearest neighbour), % of voxels
+with Jacobian <= 0 (fixed_to_moving on the fixed lung box), wall time, peak RSS
+growth, and the speed ratio classical / SyNQuick. Timings depend on machine load:
+compare ratios from one run, not absolute seconds across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "LungAtlas"))
+
+from LungAtlasLib import geometry  # noqa: E402
+from LungAtlasLib.metrics import dice, displacement_field_statistics  # noqa: E402
+from LungAtlasLib.registration import get_registration  # noqa: E402
+from LungAtlasLib.registration import transforms as T  # noqa: E402
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("LUNGATLAS_TEST_DATA", ROOT.parent / "shared" / "data" / "ct"))
+
+
+def threshold_lungs(ct: sitk.Image) -> sitk.Image:
+    """Lungs as air (< -400 HU) inside the body (largest dense component, holes filled per slice)."""
+    a = sitk.GetArrayFromImage(ct)
+    dense = a > -500
+    lab, n = ndimage.label(dense)
+    body = lab == (np.argmax(ndimage.sum(dense, lab, range(1, n + 1))) + 1)
+    body = np.stack([ndimage.binary_fill_holes(s) for s in body])
+    air = ndimage.binary_opening(body & (a < -400), iterations=1)
+    lab, n = ndimage.label(air)
+    sizes = ndimage.sum(air, lab, range(1, n + 1))
+    order = np.argsort(sizes)[::-1]
+    keep = [i + 1 for i in order[:2] if sizes[i] > 0.1 * sizes[order[0]]]
+    lungs = np.stack([ndimage.binary_fill_holes(s) for s in np.isin(lab, keep)])
+    out = sitk.GetImageFromArray(lungs.astype(np.uint8))
+    out.CopyInformation(ct)
+    return out
+
+
+def lungs_for(ct: sitk.Image, clinical: Path | None) -> tuple[sitk.Image, str]:
+    if clinical is not None:
+        return sitk.Cast(sitk.ReadImage(str(clinical)) > 0, sitk.sitkUInt8), "clinical contours"
+    try:
+        from LungAtlasLib.segmentation import get_segmenter
+        result = get_segmenter("classical").segment(ct, "benchmark")
+        return sitk.Cast(result.labels > 0, sitk.sitkUInt8), "classical segmenter"
+    except Exception:  # segmenter not available (yet): the threshold stand-in
+        return threshold_lungs(ct), "threshold (benchmark stand-in)"
+
+
+def load_cases(spacing: int) -> dict:
+    root = data_root()
+    cases = {}
+    for name, ct_path, lungs in (
+            ("LUNG1-001", root / "nsclc-lung1-001" / f"lung1-001_ct_{spacing}mm.nii.gz",
+             root / "nsclc-lung1-001" / f"lung1-001_lungs_{spacing}mm.nii.gz"),
+            ("lung2", root / "pyradiomics-lung2" / f"lung2_ct_{spacing}mm.nii.gz", None)):
+        if not ct_path.is_file():
+            sys.exit(f"missing {ct_path}: set LUNGATLAS_TEST_DATA to the shared CT folder")
+        ct = sitk.ReadImage(str(ct_path))
+        mask, source = lungs_for(ct, lungs)
+        cases[name] = {"ct": ct, "mask": mask, "lung_source": source}
+    return cases
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def evaluate(fixed_mask, moving_mask, fixed_to_moving) -> dict:
+    warped = T.warp_labels(moving_mask, fixed_mask, fixed_to_moving)
+    f = sitk.GetArrayViewFromImage(fixed_mask) > 0
+    box = geometry.bounding_box(f, margin=5)
+    field = T.displacement_field(fixed_to_moving, geometry.crop(fixed_mask, box))
+    return {"dice": dice(f, sitk.GetArrayViewFromImage(warped) > 0),
+            "folding_percent": displacement_field_statistics(field)["jacobian_nonpositive_percent"]}
+
+
+def run_classical(fixed, moving, threads) -> dict:
+    backend = get_registration("classical", threads=threads)
+    t0, rss0 = time.perf_counter(), peak_rss_mb()
+    result = backend.register(fixed["ct"], moving["ct"], fixed_mask=fixed["mask"], moving_mask=moving["mask"])
+    seconds = time.perf_counter() - t0
+    out = evaluate(fixed["mask"], moving["mask"], result.fixed_to_moving)
+    out.update(seconds=seconds, peak_rss_growth_mb=peak_rss_mb() - rss0,
+               stages=result.info["timings"], working_grid_dice=result.info["lung_dice_working_grid"])
+    return out
+
+
+def run_synquick(fixed, moving) -> dict:
+    """ANTs' antsRegistrationSyNQuick[s] recreation on the whole images, its defaults."""
+    import ants
+    with tempfile.TemporaryDirectory(prefix="synquick_") as tmp:
+        f = ants.from_numpy(sitk.GetArrayFromImage(fixed["ct"]).astype(np.float32).T,
+                            origin=fixed["ct"].GetOrigin(), spacing=fixed["ct"].GetSpacing(),
+                            direction=np.array(fixed["ct"].GetDirection()).reshape(3, 3))
+        m = ants.from_numpy(sitk.GetArrayFromImage(moving["ct"]).astype(np.float32).T,
+                            origin=moving["ct"].GetOrigin(), spacing=moving["ct"].GetSpacing(),
+                            direction=np.array(moving["ct"].GetDirection()).reshape(3, 3))
+        t0, rss0 = time.perf_counter(), peak_rss_mb()
+        reg = ants.registration(f, m, type_of_transform="antsRegistrationSyNQuick[s]",
+                                outprefix=str(Path(tmp) / "q_"), write_composite_transform=True)
+        seconds = time.perf_counter() - t0
+        fixed_to_moving = sitk.ReadTransform(reg["fwdtransforms"])
+    out = evaluate(fixed["mask"], moving["mask"], fixed_to_moving)
+    out.update(seconds=seconds, peak_rss_growth_mb=peak_rss_mb() - rss0)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spacing", type=int, choices=(2, 4), default=2)
+    parser.add_argument("--pairs", choices=("both", "forward", "reverse"), default="both")
+    parser.add_argument("--skip-synquick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+
+    cases = load_cases(args.spacing)
+    pairs = {"forward": [("LUNG1-001", "lung2")], "reverse": [("lung2", "LUNG1-001")]}
+    pairs["both"] = pairs["forward"] + pairs["reverse"]
+    rows = []
+    for fixed_name, moving_name in pairs[args.pairs]:
+        fixed, moving = cases[fixed_name], cases[moving_name]
+        before = dice(sitk.GetArrayViewFromImage(fixed["mask"]) > 0,
+                      sitk.GetArrayViewFromImage(T.warp_labels(moving["mask"], fixed["mask"], sitk.Transform())) > 0)
+        row = {"fixed": fixed_name, "moving": moving_name, "spacing_mm": args.spacing, "dice_before": before,
+               "lungs": {fixed_name: fixed["lung_source"], moving_name: moving["lung_source"]}}
+        row["classical"] = run_classical(fixed, moving, args.threads)
+        print(f"{moving_name} -> {fixed_name} classical: Dice {before:.3f} -> {row['classical']['dice']:.4f}, "
+              f"folded {row['classical']['folding_percent']:.4f} %, {row['classical']['seconds']:.1f} s", flush=True)
+        if not args.skip_synquick:
+            row["synquick"] = run_synquick(fixed, moving)
+            row["speed_ratio_classical_over_synquick"] = row["classical"]["seconds"] / row["synquick"]["seconds"]
+            print(f"{moving_name} -> {fixed_name} SyNQuick : Dice {before:.3f} -> {row['synquick']['dice']:.4f}, "
+                  f"folded {row['synquick']['folding_percent']:.4f} %, {row['synquick']['seconds']:.1f} s; "
+                  f"time ratio classical/SyNQuick {row['speed_ratio_classical_over_synquick']:.2f}", flush=True)
+        rows.append(row)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
