@@ -265,6 +265,7 @@ def test_groupwise_template_with_classical_registration(tmp_path, phantom_cohort
 
     if "classical" not in BACKENDS:
         pytest.skip("classical registration backend not in this tree yet")
+    pytest.importorskip("LungAtlasLib.template")
     manifest = write_manifest(tmp_path, phantom_cohort)
     out = tmp_path / "run"
     pipeline.index_cohort(out, manifest=manifest)

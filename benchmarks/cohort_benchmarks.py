@@ -129,8 +129,8 @@ def bench_workers(out: Path, subjects: int = 8, spacing: float = 4.0) -> dict:
     for workers in (1, 2):
         run = out / f"workers_{workers}"
         shutil.rmtree(run, ignore_errors=True)
-        config = demo.demo_config(out / "workers_data", manifest, "classical", "classical", workers,
-                                  registration_spacing=6.0)
+        config = demo.demo_config(out / "workers_data", manifest, "precomputed", "classical", workers,
+                                  registration_spacing=6.0, template="phantom")
         config["execution"]["workers"] = workers
         # case throughput: the cohort statistics (the same for both) kept small
         config["aggregate"] = {"permutations": 9, "report": False}

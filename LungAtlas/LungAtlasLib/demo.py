@@ -1,9 +1,10 @@
 """Run LungAtlas end to end on the built-in demo cohort (seeded chest phantoms).
 
 Writes the demo cohort (CT, truth lobes, truth nodules) under --out/demo_cohort
-and runs the cohort engine on it in --out: segmentation, registration to the
-template (the canonical phantom), alignment metrics before and after, nodules
-mapped into the atlas, and the aggregate (per-lobe rates, density map). Run
+and runs the cohort engine on it in --out: segmentation, a template built from
+the subjects (groupwise, classical registration), registration of every subject
+to it, alignment metrics before and after, nodules mapped into the atlas, and
+the aggregate (density maps, per-lobe rates, phenotype comparisons, report). Run
 again into the same folder to resume: nothing finished is recomputed.
 """
 from __future__ import annotations
@@ -26,9 +27,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--subjects", type=int, default=6, help="number of demo subjects (default 6)")
     parser.add_argument("--spacing", type=float, default=4.0, help="phantom voxel size in mm (default 4)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the first subject (default 1)")
-    parser.add_argument("--segmenter", default="classical",
-                        help="segmentation backend: classical (lungs, computed; default) or precomputed "
-                             "(the phantoms' truth lobes)")
+    parser.add_argument("--segmenter", default="precomputed",
+                        help="segmentation backend: precomputed (the phantoms' lobe maps, as the published NLST "
+                             "TotalSegmentator segmentations would be used; default) or classical (lungs only, "
+                             "computed: no lobe statistics)")
+    parser.add_argument("--template", choices=["build", "phantom"], default="build",
+                        help="build the template from the demo subjects (default) or use the canonical phantom")
     parser.add_argument("--registration", default="classical", help="registration backend (default classical)")
     parser.add_argument("--registration-spacing", type=float, default=8.0,
                         help="grid spacing (mm) of the classical registration (default 8: a demo, not a study)")
@@ -66,24 +70,30 @@ def ensure_demo_cohort(out: Path, n_subjects: int, spacing_mm: float, first_seed
 
 
 def demo_config(out: Path, manifest: pd.DataFrame, segmenter: str, registration: str, workers: int,
-                registration_spacing: float = 8.0) -> dict:
-    """The cohort configuration of the demo: the canonical phantom is the template."""
+                registration_spacing: float = 8.0, template: str = "build") -> dict:
+    """The cohort configuration of the demo. Template "build": LungAtlas's groupwise
+    builder on all demo subjects (2 rounds, 6 mm grid); "phantom": the canonical phantom."""
     from .cohort.config import default_config, merge
 
-    atlas = manifest[manifest.is_atlas].iloc[0]
-    template = inside(out, "demo_cohort", "template")
-    template.mkdir(parents=True, exist_ok=True)
-    for source, name in ((atlas.ct, "ct.nii.gz"), (atlas.labels, "lobes.nii.gz")):
-        if not (template / name).exists():
-            shutil.copy(source, template / name)
     segmentation = {"name": segmenter, "options": {}}
     if segmenter == "precomputed":
         segmentation["options"] = {"path": "{labels}", "code_map": "lungatlas"}
     registration_options = {"spacing_mm": float(registration_spacing)} if registration == "classical" else {}
+    if template == "phantom":
+        atlas = manifest[manifest.is_atlas].iloc[0]
+        folder = inside(out, "demo_cohort", "template")
+        folder.mkdir(parents=True, exist_ok=True)
+        for source, name in ((atlas.ct, "ct.nii.gz"), (atlas.labels, "lobes.nii.gz")):
+            if not (folder / name).exists():
+                shutil.copy(source, folder / name)
+        template_config = {"path": str(folder)}
+    else:
+        template_config = {"path": None, "subset": int((~manifest.is_atlas).sum()),
+                           "options": {"rounds": 2, "spacing_mm": 6.0}}
     return merge(default_config(), {
         "segmentation": segmentation,
         "registration": {"name": registration, "options": registration_options},
-        "template": {"path": str(template)},
+        "template": template_config,
         "execution": {"workers": workers, "memory_limit": "3GB"},
     })
 
@@ -99,7 +109,8 @@ def run(args) -> int:
     cases = manifest[~manifest.is_atlas].drop(columns="is_atlas")
     manifest_path = inside(out, "demo_cohort", "manifest.csv")
     cases.to_csv(manifest_path, index=False)
-    config = demo_config(out, manifest, args.segmenter, args.registration, args.workers, args.registration_spacing)
+    config = demo_config(out, manifest, args.segmenter, args.registration, args.workers, args.registration_spacing,
+                         args.template)
     config["plugins"] = list(args.plugin)
     try:
         pipeline.index_cohort(out, manifest=manifest_path, config=config)
