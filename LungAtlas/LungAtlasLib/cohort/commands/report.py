@@ -32,7 +32,11 @@ def run(args) -> int:
         if (out / "run_config.json").exists() else None
     template = None
     if config_template:
-        template = {"ct": f"{config_template}/ct.nii.gz", "labels": f"{config_template}/lobes.nii.gz"}
+        from ..pipeline import _given_template
+        from .. import config as cfgmod
+
+        template = _given_template(config_template)
+        template["hash"] = cfgmod.template_hash({"template": {"path": config_template}}, {})
     elif templates:
         template = read_json(templates[-1])
     if template is not None and (table["status"] == "done").any():
