@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/registration_benchmark.py [--spacing 2] [--pairs both|forward|reverse]
         [--skip-synquick] [--threads 2] [--json OUT.json]
+        [--unigradicon-grid 175 [--io-steps 2]]   # time/memory of the uniGradICON path, stand-in network
 
 Pairs (../shared/data/ct or $LUNGATLAS_TEST_DATA): lung2 -> LUNG1-001 and the reverse.
 Lungs: LUNG1-001's clinical lung contours; lung2 has none, so its lungs come
@@ -129,6 +130,23 @@ def run_synquick(fixed, moving) -> dict:
     return out
 
 
+def run_unigradicon_standin(fixed, moving, grid: int, io_steps: int | None, threads: int) -> dict:
+    """The real uniGradICON code path with an un-weighted network (no weights offline):
+    its cost (seconds, peak RSS growth) at ``grid``^3, not its accuracy."""
+    import torch
+    import unigradicon
+
+    torch.set_num_threads(threads)
+    net = unigradicon.make_network([1, 1, grid, grid, grid], include_last_step=True)
+    net.eval()
+    backend = get_registration("unigradicon", network=net, input_shape=(grid, grid, grid),
+                               io_iterations=io_steps or None, device="cpu")
+    t0, rss0 = time.perf_counter(), peak_rss_mb()
+    result = backend.register(fixed["ct"], moving["ct"])
+    return {"grid": grid, "io_steps": io_steps, "seconds": time.perf_counter() - t0,
+            "peak_rss_growth_mb": peak_rss_mb() - rss0, "network_s": result.info["timings"]["network_s"]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spacing", type=int, choices=(2, 4), default=2)
@@ -136,6 +154,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-synquick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--unigradicon-grid", type=int, help="also time the uniGradICON path at this grid (stand-in)")
+    parser.add_argument("--io-steps", type=int, default=0, help="instance-optimisation steps for --unigradicon-grid")
+    parser.add_argument("--skip-classical", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
@@ -150,6 +171,15 @@ def main(argv=None) -> int:
                       sitk.GetArrayViewFromImage(T.warp_labels(moving["mask"], fixed["mask"], sitk.Transform())) > 0)
         row = {"fixed": fixed_name, "moving": moving_name, "spacing_mm": args.spacing, "dice_before": before,
                "lungs": {fixed_name: fixed["lung_source"], moving_name: moving["lung_source"]}}
+        if args.unigradicon_grid:
+            row["unigradicon_standin"] = run_unigradicon_standin(fixed, moving, args.unigradicon_grid,
+                                                                 args.io_steps, args.threads)
+            u = row["unigradicon_standin"]
+            print(f"{moving_name} -> {fixed_name} uniGradICON path (stand-in) {u['grid']}^3, {u['io_steps']} IO steps: "
+                  f"{u['seconds']:.1f} s, peak RSS +{u['peak_rss_growth_mb']:.0f} MB", flush=True)
+        if args.skip_classical:
+            rows.append(row)
+            continue
         row["classical"] = run_classical(fixed, moving, args.threads)
         print(f"{moving_name} -> {fixed_name} classical: Dice {before:.3f} -> {row['classical']['dice']:.4f}, "
               f"folded {row['classical']['folding_percent']:.4f} %, {row['classical']['seconds']:.1f} s", flush=True)
