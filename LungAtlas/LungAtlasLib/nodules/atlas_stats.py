@@ -34,20 +34,21 @@ HELP = "density maps, per-lobe rates, phenotype comparisons and a report from ma
 log = logging.getLogger(__name__)
 
 ATLAS_CT_NAMES = ("template_ct.nii.gz", "template.nii.gz", "atlas_ct.nii.gz", "ct.nii.gz", "template_ct.nrrd")
-ATLAS_LABEL_NAMES = ("template_lobes.nii.gz", "lobes.nii.gz", "lobe_labels.nii.gz", "labels.nii.gz",
+ATLAS_LABEL_NAMES = ("template_labels.nii.gz", "template_lobes.nii.gz", "lobes.nii.gz", "lobe_labels.nii.gz", "labels.nii.gz",
                      "lobes_truth.nii.gz", "template_lobes.nrrd")
 
 
 def find_atlas_files(atlas_dir) -> tuple[Path, Path]:
     """(template CT, lobe label map) of an atlas folder: the paths ``atlas.json`` names
-    under ``template_ct``/``lobe_labels`` (relative to the folder), else the first of
+    under ``template_ct``/``template_labels`` (or ``lobe_labels``; relative to the folder), else the first of
     :data:`ATLAS_CT_NAMES` / :data:`ATLAS_LABEL_NAMES` that exists."""
     atlas_dir = Path(atlas_dir)
     manifest = atlas_dir / "atlas.json"
     if manifest.exists():
         info = read_json(manifest)
         files = info.get("files", info)
-        ct, labels = files.get("template_ct"), files.get("lobe_labels")
+        # template.write_atlas names the label map "template_labels"
+        ct, labels = files.get("template_ct"), files.get("template_labels") or files.get("lobe_labels")
         if ct and labels:
             return atlas_dir / ct, atlas_dir / labels
     ct = next((atlas_dir / n for n in ATLAS_CT_NAMES if (atlas_dir / n).exists()), None)

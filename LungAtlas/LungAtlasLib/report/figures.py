@@ -127,7 +127,9 @@ def lobe_rate_bars(rates: pd.DataFrame, path, title: str = "Volume-normalised no
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     x = np.arange(len(rates))
     colours = [np.array(LABELS.lobe(int(v)).color) / 255.0 for v in rates["lobe"]]
-    err = np.vstack([rates["rate"] - rates["rate_ci_low"], rates["rate_ci_high"] - rates["rate"]])
+    # Clipped at 0: rounding can put a bound a hair past its estimate (e.g. a Wilson lower
+    # bound of 5e-17 for a lobe with no nodules), which matplotlib refuses as negative.
+    err = np.clip(np.vstack([rates["rate"] - rates["rate_ci_low"], rates["rate_ci_high"] - rates["rate"]]), 0, None)
     ax1.bar(x, rates["rate"], color=colours, edgecolor="black", yerr=err, capsize=4)
     ax1.axhline(1.0, color="black", lw=1, ls="--")
     ax1.set_xticks(x)
@@ -135,7 +137,8 @@ def lobe_rate_bars(rates: pd.DataFrame, path, title: str = "Volume-normalised no
     ax1.set_ylabel("rate (1 = as expected from volume)")
     ax1.set_title(f"rate with {rates['ci_method'].iloc[0]} CI", fontsize=10)
     width = 0.38
-    share_err = np.vstack([rates["share"] - rates["share_ci_low"], rates["share_ci_high"] - rates["share"]])
+    share_err = np.clip(np.vstack([rates["share"] - rates["share_ci_low"], rates["share_ci_high"] - rates["share"]]),
+                        0, None)
     ax2.bar(x - width / 2, rates["share"] * 100, width, yerr=share_err * 100, capsize=3, label="share of nodules",
             color="#4c72b0")
     ax2.bar(x + width / 2, rates["volume_share"] * 100, width, label="share of lung volume", color="#bbbbbb")
