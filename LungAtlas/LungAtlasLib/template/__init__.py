@@ -4,6 +4,6 @@
     result = build_template([TemplateCase(id, ct, labels), ...], backend="classical", rounds=3)
     write_atlas(result, "atlas/")
 """
-from .builder import TemplateCase, TemplateResult, build_template, choose_medoid, write_atlas
+from .builder import TemplateCase, TemplateResult, build_template, choose_medoid, warp_atlas, write_atlas
 
-__all__ = ["TemplateCase", "TemplateResult", "build_template", "choose_medoid", "write_atlas"]
+__all__ = ["TemplateCase", "TemplateResult", "build_template", "choose_medoid", "warp_atlas", "write_atlas"]

@@ -244,3 +244,32 @@ def write_atlas(result: TemplateResult, folder: str | Path) -> dict[str, str]:
     write_json_atomic(folder / "atlas.json", {"kind": "lungatlas-template", "files": paths,
                                               "rounds": result.rounds, **result.provenance})
     return paths
+
+
+def warp_atlas(atlas_folder: str | Path, case_ct: sitk.Image, moving_to_fixed: sitk.Transform,
+               out_folder: str | Path) -> dict[str, str]:
+    """Bring a whole atlas bundle onto one case's grid (atlas = fixed, case = moving).
+
+    ``moving_to_fixed`` maps case points to atlas points, which is exactly the
+    resampling transform that pulls atlas images onto the case grid. The template CT
+    and probability maps are resampled linearly, the label map by nearest neighbour;
+    file names are kept. Returns the written paths by file key of atlas.json."""
+    from ..io import write_image
+    from ..paths import read_json, write_json_atomic
+
+    atlas_folder, out_folder = Path(atlas_folder), Path(out_folder)
+    manifest = atlas_folder / "atlas.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: {atlas_folder} is not an atlas bundle")
+    atlas = read_json(manifest)
+    written = {}
+    for key, name in atlas["files"].items():
+        image = sitk.ReadImage(str(atlas_folder / name))
+        if key == "template_labels":
+            warped = warp_labels(image, case_ct, moving_to_fixed)
+        else:
+            default = geometry.AIR_HU if key == "template_ct" else 0.0
+            warped = warp_image(image, case_ct, moving_to_fixed, default_value=default)
+        written[key] = str(write_image(warped, out_folder / name))
+    write_json_atomic(out_folder / "warped_atlas.json", {"atlas": str(atlas_folder), "files": written})
+    return written
