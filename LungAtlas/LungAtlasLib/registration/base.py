@@ -7,11 +7,12 @@ resampler needs to pull a patient image onto the atlas grid, and
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import SimpleITK as sitk
+
+from ..backends import load_backend
 
 # backend name -> "module:Class", imported on first use (torch loads only for unigradicon)
 BACKENDS: dict[str, str] = {
@@ -52,10 +53,4 @@ def available_registrations() -> list[str]:
 
 
 def get_registration(name: str, **options) -> Registration:
-    try:
-        target = BACKENDS[name]
-    except KeyError:
-        raise RegistrationError(f"unknown registration backend {name!r}; choose one of {available_registrations()}") from None
-    module_name, class_name = target.split(":")
-    cls = getattr(importlib.import_module(module_name, __package__), class_name)
-    return cls(**options)
+    return load_backend(BACKENDS, name, __package__, RegistrationError, "registration", **options)

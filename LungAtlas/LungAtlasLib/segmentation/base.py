@@ -1,11 +1,12 @@
 """The segmentation interface that every backend implements and every caller uses."""
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import SimpleITK as sitk
+
+from ..backends import load_backend
 
 # backend name -> "module:Class", imported on first use so that heavy optional
 # dependencies (torch, nnU-Net) load only when that backend is chosen
@@ -48,10 +49,4 @@ def available_segmenters() -> list[str]:
 
 
 def get_segmenter(name: str, **options) -> Segmenter:
-    try:
-        target = BACKENDS[name]
-    except KeyError:
-        raise SegmentationError(f"unknown segmentation backend {name!r}; choose one of {available_segmenters()}") from None
-    module_name, class_name = target.split(":")
-    cls = getattr(importlib.import_module(module_name, __package__), class_name)
-    return cls(**options)
+    return load_backend(BACKENDS, name, __package__, SegmentationError, "segmentation", **options)
