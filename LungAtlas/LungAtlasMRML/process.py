@@ -202,3 +202,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         proc.kill()
     except ProcessLookupError:
         pass
+    if psutil is not None and victims:
+        # SIGKILL is delivered asynchronously: wait (briefly) until the descendants are
+        # really gone, so that cancel returns with no model still holding memory or a GPU.
+        psutil.wait_procs(victims, timeout=10)
