@@ -93,6 +93,9 @@ def ours_once(reference, test, moving, field, out: Path):
     rows = metrics.alignment_metrics(reference, test, ct, moving)
     timings["labels+mse"] = time.perf_counter() - start
     start = time.perf_counter()
+    metrics.alignment_metrics(reference, test, ct, moving, with_hausdorff=False)
+    timings["(same without HD95)"] = time.perf_counter() - start
+    start = time.perf_counter()
     rows.append({"region": "transform", **metrics.displacement_field_statistics(field)})
     timings["jacobian"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -119,9 +122,8 @@ def main(repeats: int = 5) -> int:
             start = time.perf_counter()
             floor_once(reference_array)
             floor_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
             rows, timings = ours_once(reference, test, moving, field, Path(tmp))
-            our_times.append(time.perf_counter() - start)
+            our_times.append(sum(v for k, v in timings.items() if not k.startswith("(")))
             parts.append(timings)
     floor, ours = statistics.median(floor_times), statistics.median(our_times)
     lung = next(r for r in rows if r["region"] == "lung")
@@ -131,8 +133,9 @@ def main(repeats: int = 5) -> int:
     for key in parts[0]:
         print(f"    {key:<12s} {statistics.median(p[key] for p in parts):.3f} s")
     print(f"  ratio ours / floor: {ours / floor:.2f}x (target <= 2x)")
-    no_hd = statistics.median(p['read'] + p['write'] for p in parts)
-    print(f"  (read + write alone: {no_hd / floor:.2f}x the floor)")
+    without_hd95 = statistics.median(p["read"] + p["(same without HD95)"] + p["jacobian"] + p["write"] for p in parts)
+    print(f"  without the six HD95s: {without_hd95 / floor:.2f}x the floor; read + write alone: "
+          f"{statistics.median(p['read'] + p['write'] for p in parts) / floor:.2f}x")
     print(f"  sanity: lung Dice of the shifted map {lung['dice']:.3f}, HD95 {lung['hausdorff95_mm']:.2f} mm")
     print(json.dumps({"benchmark": "foundation", "floor_s": floor, "ours_s": ours, "ratio": ours / floor}))
     return 0
