@@ -27,3 +27,12 @@ def test_info_lists_dicom_series_and_image_geometry(lung1_dicom, ct_data, capsys
     assert main(["info", str(ct_data / "totalsegmentator-example" / "example_ct.nii.gz"), "--json"]) == 0
     described = json.loads(capsys.readouterr().out)
     assert described["size"] == [122, 101, 112] and described["orientation"] == "RAS"
+
+
+def test_backend_options_pass_through_the_lookup_untouched():
+    # Any keyword is the backend's, even one named like the lookup's own parameters.
+    from LungAtlasLib.segmentation import SegmentationError, get_segmenter
+    segmenter = get_segmenter("precomputed", path="x.nii.gz", kind="sides")
+    assert segmenter is not None
+    with pytest.raises(SegmentationError, match="unknown segmentation backend 'nope'"):
+        get_segmenter("nope")

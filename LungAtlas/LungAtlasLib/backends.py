@@ -10,13 +10,14 @@ import importlib
 
 
 def load_backend(registry: dict[str, str], name: str, package: str, error: type[Exception],
-                 kind: str, **options):
-    """Instantiate backend ``name`` of ``registry`` (relative modules resolve in ``package``);
-    an unknown name raises ``error`` listing the choices."""
+                 step: str, /, **options):
+    """Instantiate backend ``name`` of ``registry`` (relative modules resolve in ``package``)
+    with ``options``; an unknown name raises ``error`` listing the choices. The lookup's
+    own parameters are positional-only, so every keyword belongs to the backend."""
     try:
         target = registry[name]
     except KeyError:
-        raise error(f"unknown {kind} backend {name!r}; choose one of {sorted(registry)}") from None
+        raise error(f"unknown {step} backend {name!r}; choose one of {sorted(registry)}") from None
     module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name, package), class_name)
     return cls(**options)
