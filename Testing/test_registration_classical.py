@@ -1,4 +1,4 @@
-"""Classical backend: phantom with a known deformation (4 mm) and one real inter-subject pair (4 mm)."""
+"""Classical backend: phantom with a known deformation (4 mm, lobe stage on and off), one real pair (4 mm)."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,13 +28,56 @@ def test_phantom_lobes_align_and_nothing_folds(phantom_atlas, phantom_subject, p
                                                                         sitk.Transform())))
     after = dice_per_label(fixed, sitk.GetArrayFromImage(T.warp_labels(phantom_subject.labels, phantom_atlas.labels,
                                                                        phantom_result.fixed_to_moving)))
-    # measured: lung 0.72 -> 0.98, lobes 0.49-0.77 -> 0.90-0.96; lobes are driven only by the
-    # lung outline here, so the fissures follow from the shape (the middle lobe is hardest)
-    assert before["lung"] < 0.8 and after["lung"] > 0.96
-    assert min(after[k] for k in (1, 2, 3, 4, 5)) > 0.85
+    # measured with lobe labels on both sides (lobe stage on): lung 0.72 -> 0.985, lobes
+    # 0.49-0.77 -> 0.969-0.983 (middle lobe lowest); 0.95 is above the issue's 0.93 target and
+    # above what the lung outline alone reaches for the middle lobe (0.895, next test)
+    assert phantom_result.info["lobe_stage"] == "used"
+    assert before["lung"] < 0.8 and after["lung"] > 0.97
+    assert min(after[k] for k in (1, 2, 3, 4, 5)) > 0.95
     assert all(after[k] > before[k] + 0.1 for k in (1, 2, 3, 4, 5))
     assert phantom_result.info["folding"]["jacobian_nonpositive_percent"] == 0.0
     assert phantom_result.info["qc"]["passed"]
+
+
+def test_lobe_labels_align_fissures_better_than_lung_outline(phantom_atlas, phantom_subject, phantom_result):
+    # the same pair with lung masks only (no lobe stage): the fissures follow from the outline alone
+    lungs = {role: sitk.Cast(labels > 0, sitk.sitkUInt8)
+             for role, labels in (("fixed", phantom_atlas.labels), ("moving", phantom_subject.labels))}
+    outline = get_registration("classical", **FAST).register(phantom_atlas.ct, phantom_subject.ct,
+                                                              fixed_mask=lungs["fixed"], moving_mask=lungs["moving"])
+    assert outline.info["lobe_stage"] == "no lobe labels for both scans"
+    fixed = sitk.GetArrayFromImage(phantom_atlas.labels)
+    dice = {name: dice_per_label(fixed, sitk.GetArrayFromImage(
+                T.warp_labels(phantom_subject.labels, phantom_atlas.labels, result.fixed_to_moving)))
+            for name, result in (("outline", outline), ("lobes", phantom_result))}
+    mean = {name: np.mean([d[k] for k in (1, 2, 3, 4, 5)]) for name, d in dice.items()}
+    # measured (seed 3, 4 mm): mean lobar 0.940 -> 0.979, middle lobe 0.895 -> 0.969, lung
+    # 0.982 -> 0.985, no folding either way; +0.02 fails if the lobe stage stops acting
+    assert mean["lobes"] > mean["outline"] + 0.02
+    assert dice["lobes"][2] > dice["outline"][2] + 0.04
+    assert dice["lobes"]["lung"] > dice["outline"]["lung"] - 0.005  # the lung outline is not traded away
+    assert phantom_result.info["folding"]["jacobian_nonpositive_percent"] < 0.05
+
+
+def test_sides_map_skips_the_lobe_stage():
+    from LungAtlasLib import phantom
+
+    # a right/left map (1/2) is not a lobe map: the result must be bit-identical to lung masks alone
+    atlas = phantom.make_atlas_subject(spacing_mm=8.0)
+    subject = phantom.make_subject(seed=5, spacing_mm=8.0, n_nodules=0)
+    options = dict(FAST, spacing_mm=8.0)
+
+    def sides(labels):  # lobes 1-3 right -> 1, 4-5 left -> 2
+        return sitk.Cast((labels > 0) + (labels > 3), sitk.sitkUInt8)
+
+    by_sides = get_registration("classical", **options).register(
+        atlas.ct, subject.ct, fixed_labels=sides(atlas.labels), moving_labels=sides(subject.labels))
+    by_masks = get_registration("classical", **options).register(
+        atlas.ct, subject.ct, fixed_mask=sitk.Cast(atlas.labels > 0, sitk.sitkUInt8),
+        moving_mask=sitk.Cast(subject.labels > 0, sitk.sitkUInt8))
+    assert by_sides.info["lobe_stage"] == by_masks.info["lobe_stage"] == "no lobe labels for both scans"
+    assert np.array_equal(sitk.GetArrayFromImage(T.displacement_field(by_sides.fixed_to_moving, atlas.ct)),
+                          sitk.GetArrayFromImage(T.displacement_field(by_masks.fixed_to_moving, atlas.ct)))
 
 
 def test_phantom_points_map_close_to_truth(phantom_subject, phantom_result):

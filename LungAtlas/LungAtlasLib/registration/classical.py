@@ -14,7 +14,11 @@ signed distance maps (SDM) of the two lung masks, on images cropped to the lungs
 4. the moving SDM is resampled through the affine onto the fixed crop;
 5. deformable: SimpleITK diffeomorphic demons on the SDMs, multi-resolution
    (shrink factors ``demons_shrink``), Gaussian-regularised displacement field;
-   the inverse field comes from ``InvertDisplacementField``.
+   the inverse field comes from ``InvertDisplacementField``;
+6. lobes (only when both label maps are lobe maps, values 1-5): the same field is
+   refined by more demons iterations on images that add a lobe code to the SDM
+   (``LOBE_CODE``), so the fissures, which the lung outline does not determine, are
+   aligned too. Lung masks, sides maps or a lobe map on one side only skip this stage.
 
 Tried and measured first: ANTs SyN with MeanSquares on the same SDMs (affine as
 initial transform: SyN diverged; on pre-warped SDMs: 0.87-0.91 whole-lung Dice in
@@ -46,13 +50,32 @@ def lung_mask_from(mask: sitk.Image | None, labels: sitk.Image | None, image: si
         raise RegistrationError(
             f"the classical backend needs a lung mask or lobe labels for the {role} image "
             "(segment it first, e.g. with the segmentation step, and pass --{role}-mask)")
-    if source.GetSize() != image.GetSize() or not geometry.same_grid(source, image, tolerance=1e-3):
+    if not _on_grid(source, image):
         raise RegistrationError(f"the {role} lung mask is not on the {role} image's grid "
                                 f"(mask size {source.GetSize()}, image size {image.GetSize()}); resample it first")
     binary = sitk.Cast(sitk.NotEqual(source, 0), sitk.sitkUInt8)
     if not sitk.GetArrayViewFromImage(binary).any():
         raise RegistrationError(f"the {role} lung mask is empty; check the segmentation of the {role} scan")
     return binary
+
+
+# Lobe value (labels.LABELS.lobes) -> code of the lobe image. Neighbouring lobes differ
+# (upper/middle/lower = 1/2/3 on the right, upper/lower = 1/3 on the left) and every lobe
+# differs from the 0 outside, so each fissure and each lobe's outer surface is a step.
+LOBE_CODE = {1: 1.0, 2: 2.0, 3: 3.0, 4: 1.0, 5: 3.0}
+
+
+def has_lobes(labels: sitk.Image | None) -> bool:
+    """True when ``labels`` is a lobe map (values within 1-5 and some above 2); a lung
+    mask (1) or a sides map (right 1, left 2) is not."""
+    if labels is None:
+        return False
+    values = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist()) - {0}
+    return bool(values) and values <= set(LOBE_CODE) and max(values) > 2
+
+
+def _on_grid(source: sitk.Image, image: sitk.Image) -> bool:
+    return source.GetSize() == image.GetSize() and geometry.same_grid(source, image, tolerance=1e-3)
 
 
 def check_image(image: sitk.Image, role: str) -> None:
@@ -110,8 +133,11 @@ class ClassicalRegistration(Registration):
     ``affine_iterations``/``affine_shrink``/``affine_smoothing`` per level (smoothing in
     voxels of the working grid); ``demons_iterations``/``demons_shrink`` per level
     (shrink relative to ``spacing_mm``); ``demons_sigma`` field smoothing (voxels of each
-    level); ``max_step_voxels`` largest demons update; ``threads`` ITK threads (None:
-    leave as set). Outside the lung crop the map is the affine alone.
+    level); ``max_step_voxels`` largest demons update; ``lobe_iterations``/``lobe_shrink``
+    the lobe stage per level (empty: off), ``lobe_weight`` weight of the lobe code against
+    the SDM (in [-1, 1]), ``lobe_sigma_voxels`` its smoothing; ``threads`` ITK threads (None:
+    leave as set). Outside the lung crop the map is the affine alone. ``info["lobe_stage"]``
+    says whether the lobe stage ran ("used") or why not.
     """
 
     name = "classical"
@@ -119,9 +145,12 @@ class ClassicalRegistration(Registration):
     def __init__(self, spacing_mm: float = 2.0, margin_mm: float = 20.0, sdm_clamp_mm: float = 40.0,
                  affine_iterations=(200, 200, 100), affine_shrink=(4, 2, 1), affine_smoothing=(2, 1, 0),
                  demons_iterations=(200, 200, 30), demons_shrink=(4, 2, 1), demons_sigma: float = 1.0,
-                 max_step_voxels: float = 2.0, threads: int | None = None):
+                 max_step_voxels: float = 2.0, lobe_iterations=(50, 20), lobe_shrink=(2, 1), lobe_weight: float = 1.0,
+                 lobe_sigma_voxels: float = 0.5, threads: int | None = None):
         if not (len(affine_iterations) == len(affine_shrink) == len(affine_smoothing)):
             raise ValueError("affine_iterations, affine_shrink and affine_smoothing need one value per level")
+        if len(lobe_iterations) != len(lobe_shrink):
+            raise ValueError("lobe_iterations and lobe_shrink need one value per level")
         if len(demons_iterations) != len(demons_shrink):
             raise ValueError("demons_iterations and demons_shrink need one value per level")
         if spacing_mm <= 0 or margin_mm < 0 or sdm_clamp_mm <= 0:
@@ -131,8 +160,26 @@ class ClassicalRegistration(Registration):
             "affine_iterations": [int(v) for v in affine_iterations], "affine_shrink": [int(v) for v in affine_shrink],
             "affine_smoothing": [float(v) for v in affine_smoothing],
             "demons_iterations": [int(v) for v in demons_iterations], "demons_shrink": [int(v) for v in demons_shrink],
-            "demons_sigma": float(demons_sigma), "max_step_voxels": float(max_step_voxels), "threads": threads,
+            "demons_sigma": float(demons_sigma), "max_step_voxels": float(max_step_voxels),
+            "lobe_iterations": [int(v) for v in lobe_iterations], "lobe_shrink": [int(v) for v in lobe_shrink],
+            "lobe_weight": float(lobe_weight), "lobe_sigma_voxels": float(lobe_sigma_voxels), "threads": threads,
         }
+
+    def _lobe_image(self, sdm: sitk.Image, lobe_map: sitk.Image) -> sitk.Image:
+        """Lung SDM plus ``lobe_weight`` x the Gaussian-smoothed lobe code (``LOBE_CODE``,
+        0 outside the lungs; Gaussian sigma ``lobe_sigma_voxels`` of the working grid): the
+        outline still drives the lung surface, and the steps between lobe codes give each
+        fissure a gradient. Measured on phantoms (4 mm, docs/registration.md): sigma 0.5
+        voxel beat 1 and 2 voxels and no smoothing; weight 1-2 beat 0.25-0.5."""
+        opt = self.options
+        lookup = np.zeros(256, np.float32)
+        for value, code in LOBE_CODE.items():
+            lookup[value] = code
+        code = sitk.GetImageFromArray(lookup[sitk.GetArrayViewFromImage(lobe_map)])
+        code.CopyInformation(lobe_map)
+        if opt["lobe_sigma_voxels"] > 0:
+            code = sitk.SmoothingRecursiveGaussian(code, opt["lobe_sigma_voxels"] * opt["spacing_mm"])
+        return sitk.Cast(sdm + opt["lobe_weight"] * code, sitk.sitkFloat32)
 
     def _affine(self, fixed_sdm: sitk.Image, moving_sdm: sitk.Image, initial: sitk.Transform) -> sitk.AffineTransform:
         opt = self.options
@@ -152,11 +199,12 @@ class ClassicalRegistration(Registration):
         method.Execute(fixed_sdm, moving_sdm)
         return start
 
-    def _demons(self, fixed_sdm: sitk.Image, moving_sdm: sitk.Image) -> sitk.Image:
-        """Multi-resolution diffeomorphic demons; returns the displacement field (fixed crop grid)."""
+    def _demons(self, fixed_sdm: sitk.Image, moving_sdm: sitk.Image, shrinks, iterations_per_level,
+                field: sitk.Image | None = None) -> sitk.Image:
+        """Multi-resolution diffeomorphic demons, starting from ``field`` (None: zero); returns
+        the displacement field on the fixed crop grid."""
         opt = self.options
-        field = None
-        for shrink, iterations in zip(opt["demons_shrink"], opt["demons_iterations"]):
+        for shrink, iterations in zip(shrinks, iterations_per_level):
             if shrink > 1:
                 sigma = 0.5 * shrink * opt["spacing_mm"]
                 fixed_level = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed_sdm, sigma), [shrink] * 3)
@@ -198,8 +246,15 @@ class ClassicalRegistration(Registration):
             sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(opt["threads"]))
         try:
             # 1. lung crops (SDMs) at the working resolution
-            crops = {}
-            for role, image, mask in (("fixed", fixed, fixed_lung), ("moving", moving, moving_lung)):
+            lobes = bool(opt["lobe_iterations"]) and has_lobes(fixed_labels) and has_lobes(moving_labels)
+            lobe_stage = "off" if not opt["lobe_iterations"] else "used" if lobes else "no lobe labels for both scans"
+            if lobes and not (_on_grid(fixed_labels, fixed) and _on_grid(moving_labels, moving)):
+                # masks were given and drive the lungs; labels on another grid cannot be trusted here
+                lobes, lobe_stage = False, "lobe labels not on their image's grid"
+                log.warning("classical registration: lobe labels not on the image grid, lobe stage skipped")
+            crops, lobe_crops = {}, {}
+            for role, image, mask, labels in (("fixed", fixed, fixed_lung, fixed_labels),
+                                              ("moving", moving, moving_lung, moving_labels)):
                 image_crop, mask_crop = crop_to_mask(image, mask, opt["margin_mm"])
                 grid = geometry.isotropic_grid(image_crop, opt["spacing_mm"])
                 mask_crop = geometry.resample_to(mask_crop, grid, is_label=True)
@@ -207,6 +262,10 @@ class ClassicalRegistration(Registration):
                     raise RegistrationError(f"the {role} lung mask vanishes at {opt['spacing_mm']} mm; "
                                             "use a finer spacing_mm")
                 crops[role] = (mask_crop, signed_distance(mask_crop, opt["sdm_clamp_mm"]))
+                if lobes:
+                    # lobes inside the lung mask only (the mask may be stricter than the labels)
+                    lobe_map = geometry.resample_to(sitk.Cast(labels, sitk.sitkUInt8), grid, is_label=True)
+                    lobe_crops[role] = sitk.Mask(lobe_map, mask_crop)
             fixed_crop_mask, fixed_sdm = crops["fixed"]
             moving_crop_mask, moving_sdm = crops["moving"]
 
@@ -227,7 +286,15 @@ class ClassicalRegistration(Registration):
             # 4.-5. demons on the affinely pre-warped moving SDM (outside the moving crop: +1, "outside lungs")
             t0 = time.perf_counter()
             moving_sdm_affine = sitk.Resample(moving_sdm, fixed_sdm, affine, sitk.sitkLinear, 1.0, sitk.sitkFloat32)
-            forward_field = self._demons(fixed_sdm, moving_sdm_affine)
+            forward_field = self._demons(fixed_sdm, moving_sdm_affine, opt["demons_shrink"], opt["demons_iterations"])
+            if lobes:
+                # 6. lobes: continue the same field on images that also encode the lobes, so the
+                # fissures (invisible to the lung outline) pull the lobes into place
+                lobe_images = {role: self._lobe_image(crops[role][1], lobe_crops[role]) for role in crops}
+                moving_lobe_affine = sitk.Resample(lobe_images["moving"], fixed_sdm, affine, sitk.sitkLinear, 1.0,
+                                                   sitk.sitkFloat32)
+                forward_field = self._demons(lobe_images["fixed"], moving_lobe_affine, opt["lobe_shrink"],
+                                             opt["lobe_iterations"], field=forward_field)
             timings["demons_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             inverse_field = sitk.InvertDisplacementField(forward_field, maximumNumberOfIterations=20,
@@ -260,6 +327,7 @@ class ClassicalRegistration(Registration):
             "timings": timings,
             "lung_dice_working_grid": {"centroid": dice_initial, "affine": dice_affine, "deformable": dice_final},
             "folding": folding,
+            "lobe_stage": lobe_stage,
             "initial_translation_mm": [float(s) for s in shift],
             "qc": {"passed": not flags, "flags": flags},
         }
