@@ -1,6 +1,6 @@
 """Cohort-engine benchmarks (ratios measured side by side, not timed tests).
 
-    .venv/bin/python benchmarks/cohort_benchmarks.py [--out benchmarks/out/cohort] [--only index,workers,plan]
+    .venv/bin/python benchmarks/cohort_benchmark.py [--out benchmarks/out/cohort] [--only index,workers,plan]
 
 (a) index: a synthetic NLST-like tree of >= 2,000 series (real DICOM headers, 8x8 pixels):
     indexing time per series against reading one header, and per slice header.
