@@ -53,11 +53,10 @@ BACKEND_PACKAGES = {
 NO_DEPS_PACKAGES = {"TotalSegmentator"}
 
 # Atlas bundle files, first match wins (see docs/slicer.md and the atlas builder's atlas.json).
-ATLAS_FILES = {
-    "template": ["template.nii.gz", "template_ct.nii.gz", "ct.nii.gz", "template.nrrd"],
-    "lobes": ["template_lobes.nii.gz", "lobes.nii.gz", "template_labels.nii.gz", "lobes.nrrd"],
-    "density": ["nodule_density_all.nii.gz", "maps/nodule_density_all.nii.gz", "nodule_density_all.nrrd"],
-}
+# The template CT and lobe map of an atlas bundle are found by the core
+# (LungAtlasLib.nodules.atlas_stats.find_atlas_files: atlas.json, else known names);
+# the density map is optional here.
+ATLAS_DENSITY_NAMES = ["nodule_density_all.nii.gz", "maps/nodule_density_all.nii.gz", "nodule_density_all.nrrd"]
 
 
 class LungAtlasError(RuntimeError):
@@ -518,16 +517,21 @@ class LungAtlasLogic(ScriptedLoadableModuleLogic):
         if not atlasFolder or not Path(atlasFolder).is_dir():
             raise LungAtlasError(_("Atlas folder {folder} does not exist: choose the folder that holds the atlas "
                                    "bundle (template CT, lobe label map, atlas.json).").format(folder=atlasFolder))
-        found, missing = {}, []
-        for role, names in ATLAS_FILES.items():
-            match = next((Path(atlasFolder) / n for n in names if (Path(atlasFolder) / n).is_file()), None)
-            if match is not None:
-                found[role] = match
-            elif role != "density":
-                missing.append(f"{role} ({' or '.join(names)})")
-        if missing:
+        from LungAtlasLib.nodules.atlas_stats import ATLAS_CT_NAMES, ATLAS_LABEL_NAMES, find_atlas_files
+
+        folder = Path(atlasFolder)
+        try:
+            template, lobes = find_atlas_files(folder)
+            found = {"template": template, "lobes": lobes}
+        except FileNotFoundError:
+            missing = [f"{role} ({' or '.join(names)})" for role, names in
+                       (("template", ATLAS_CT_NAMES), ("lobes", ATLAS_LABEL_NAMES))
+                       if not any((folder / n).is_file() for n in names)]
             raise LungAtlasError(_("Atlas folder {folder} is incomplete: missing {missing}.").format(
-                folder=atlasFolder, missing="; ".join(missing)))
+                folder=atlasFolder, missing="; ".join(missing) or "the files atlas.json names")) from None
+        density = next((folder / n for n in ATLAS_DENSITY_NAMES if (folder / n).is_file()), None)
+        if density is not None:
+            found["density"] = density
         return found
 
     def register(self, volumeNode, segmentationNode, atlasFolder, backend: str = "unigradicon",
