@@ -34,6 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import geometry
+from ..metrics import dice
 from .base import Registration, RegistrationError, RegistrationResult
 from .transforms import compose
 
@@ -119,10 +120,8 @@ def windowed(ct: sitk.Image) -> sitk.Image:
 
 
 def _dice(a: sitk.Image, b: sitk.Image) -> float:
-    x = sitk.GetArrayViewFromImage(a) > 0
-    y = sitk.GetArrayViewFromImage(b) > 0
-    total = x.sum() + y.sum()
-    return float(2.0 * (x & y).sum() / total) if total else float("nan")
+    """Whole-mask Dice of two masks on one grid (metrics.dice on their voxels)."""
+    return dice(sitk.GetArrayViewFromImage(a) > 0, sitk.GetArrayViewFromImage(b) > 0)
 
 
 class ClassicalRegistration(Registration):

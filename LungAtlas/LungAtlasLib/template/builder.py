@@ -254,7 +254,7 @@ def warp_atlas(atlas_folder: str | Path, case_ct: sitk.Image, moving_to_fixed: s
     resampling transform that pulls atlas images onto the case grid. The template CT
     and probability maps are resampled linearly, the label map by nearest neighbour;
     file names are kept. Returns the written paths by file key of atlas.json."""
-    from ..io import write_image
+    from ..io import read_image, write_image
     from ..paths import read_json, write_json_atomic
 
     atlas_folder, out_folder = Path(atlas_folder), Path(out_folder)
@@ -264,7 +264,7 @@ def warp_atlas(atlas_folder: str | Path, case_ct: sitk.Image, moving_to_fixed: s
     atlas = read_json(manifest)
     written = {}
     for key, name in atlas["files"].items():
-        image = sitk.ReadImage(str(atlas_folder / name))
+        image = read_image(atlas_folder / name, require_ct=False)  # a broken file is named
         if key == "template_labels":
             warped = warp_labels(image, case_ct, moving_to_fixed)
         else:
